@@ -1,0 +1,21 @@
+"""loratools: LoRA adapters as artifacts — read, check, explain, convert, combine and merge them.
+
+Importing loratools does not import torch; functions that need tensors import it when called.
+"""
+
+from .adapter import Adapter, Extra, LoraModule
+from .api import load_adapter, save_adapter
+from .config import AdapterConfig
+from .errors import LoraToolsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "Extra",
+    "LoraModule",
+    "LoraToolsError",
+    "load_adapter",
+    "save_adapter",
+]

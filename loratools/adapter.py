@@ -1,0 +1,221 @@
+"""The in-memory LoRA adapter: its config, its modules (A, B, scaling, DoRA magnitude, biases)
+and the extra tensors it carries, over a lazy tensor store.
+
+Building an Adapter reads only key names, shapes and dtypes; tensors load when asked for. All
+structural checks (pairs, ranks, shapes) happen here, so every later operation can trust them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+from .arch import Detection, Layout, Role, detect_from_paths, locate
+from .config import AdapterConfig
+from .errors import ConfigError, FormatError, ShapeError, UnsupportedError
+from .formats.tensors import MemoryStore, TensorStore
+
+if TYPE_CHECKING:
+    import torch
+
+PREFIX = "base_model.model."
+
+# <module path>.<part>; the parts PEFT's LoRA writes for a targeted module.
+_PART = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector|base_layer\.bias|base_layer\.weight)$"
+)
+FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+
+
+@dataclass
+class LoraModule:
+    path: str  # relative to the model root, e.g. "model.layers.0.self_attn.q_proj"
+    embedding: bool  # lora_embedding_A/B instead of lora_A/B
+    rank: int
+    alpha: float
+    scaling: float
+    a_key: str
+    b_key: str
+    in_features: int  # nn.Linear view: A is (r, in), B is (out, r); embedding: in = num_embeddings
+    out_features: int  # embedding: out = embedding_dim
+    layout: Layout
+    role: Role | None = None
+    layer: int | None = None
+    magnitude_key: str | None = None  # DoRA
+    lora_bias_key: str | None = None  # lora_bias=True: lora_B.bias
+    base_bias_key: str | None = None  # bias="lora_only"/"all": replaces the base bias
+    base_weight_key: str | None = None  # saved full embedding: replaces the base weight
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of the base weight this module changes, in the base's own orientation."""
+        if self.layout is Layout.LINEAR:
+            return (self.out_features, self.in_features)
+        return (self.in_features, self.out_features)  # Conv1D (in, out); Embedding (num, dim)
+
+    @property
+    def num_lora_params(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A tensor that replaces a base tensor outright when merged."""
+
+    key: str  # key in the adapter file
+    kind: str  # "modules_to_save" | "base_bias" | "full_embedding" | "bias"
+    target: str  # the base tensor it replaces, relative to the model root
+
+
+class Adapter:
+    def __init__(
+        self, config: AdapterConfig, tensors: TensorStore, source: str | None = None, weights_path: str | None = None
+    ):
+        self.config = config
+        self.tensors = tensors
+        self.source = source  # what the user named (a path or repo id), for messages and reports
+        self.weights_path = weights_path  # the weights file it was read from, if any
+        self.modules: dict[str, LoraModule] = {}
+        self.extras: list[Extra] = []
+        self.unknown_keys: list[str] = []
+        self.detection: Detection = Detection(None, reason="not detected")
+        self._parse()
+
+    @classmethod
+    def from_tensors(cls, config: AdapterConfig | dict, tensors: Mapping[str, "torch.Tensor"]) -> "Adapter":
+        if isinstance(config, dict):
+            config = AdapterConfig.from_dict(config)
+        return cls(config, MemoryStore(tensors))
+
+    # ---- structure -------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        parts: dict[str, dict[str, str]] = {}
+        plain: list[str] = []
+        for key in self.tensors.keys():
+            if not key.startswith(PREFIX):
+                self.unknown_keys.append(key)
+                continue
+            m = _PART.match(key[len(PREFIX) :])
+            if m:
+                parts.setdefault(m["module"], {})[m["part"]] = key
+            else:
+                plain.append(key)
+        lora_paths = [p for p, ps in parts.items() if _factor_parts(ps)]
+        extra_paths = [k[len(PREFIX) :].rsplit(".", 1)[0] for k in plain]
+        self.detection = detect_from_paths(lora_paths, self.config.base_model_class, extra_paths)
+        for path, ps in parts.items():
+            if _factor_parts(ps):
+                self.modules[path] = self._build_module(path, ps)
+            for part, kind, suffix in (("base_layer.bias", "base_bias", "bias"), ("base_layer.weight", "full_embedding", "weight")):
+                if part in ps:
+                    self.extras.append(Extra(ps[part], kind, f"{path}.{suffix}"))
+            if not _factor_parts(ps) and not set(ps) <= {"base_layer.bias", "base_layer.weight"}:
+                stray = ", ".join(sorted(ps))
+                raise ShapeError(f"module {path}: has {stray} but no LoRA factors (lora_A/lora_B)")
+        for key in plain:
+            target = key[len(PREFIX) :]
+            module = target.rsplit(".", 1)[0]
+            if any(module == name or module.endswith("." + name) for name in self.config.modules_to_save):
+                self.extras.append(Extra(key, "modules_to_save", target))
+            elif target.endswith(".bias") and self.config.bias == "all":
+                self.extras.append(Extra(key, "bias", target))
+            else:
+                self.unknown_keys.append(key)
+        if self.config.use_dora and self.modules and not any(m.magnitude_key for m in self.modules.values()):
+            raise ConfigError("adapter_config.json says use_dora but the weights have no lora_magnitude_vector")
+
+    def _build_module(self, path: str, ps: dict[str, str]) -> LoraModule:
+        embedding = "lora_embedding_A" in ps or "lora_embedding_B" in ps
+        a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        if embedding and ("lora_A.weight" in ps or "lora_B.weight" in ps):
+            raise ShapeError(f"module {path}: has both lora_A/lora_B and lora_embedding_A/B")
+        for have, missing in ((a_part, b_part), (b_part, a_part)):
+            if have in ps and missing not in ps:
+                raise ShapeError(f"module {path}: {have} has no matching {missing}")
+        a, b = self.tensors.meta(ps[a_part]), self.tensors.meta(ps[b_part])
+        for part, meta in ((a_part, a), (b_part, b)):
+            if meta.dtype not in FLOAT_DTYPES:
+                raise FormatError(f"module {path}: {part} has dtype {meta.dtype}; LoRA factors must be floating point")
+            if len(meta.shape) == 4:
+                raise UnsupportedError(f"module {path}: {part} is 4-D (Conv2d LoRA), which loratools does not handle")
+            if len(meta.shape) != 2 or 0 in meta.shape:
+                raise ShapeError(
+                    f"module {path}: {part} has shape {list(meta.shape)}, expected 2-D; a 1-D or empty factor "
+                    "means ZeRO-3/FSDP shards were saved without being gathered"
+                )
+        if a.shape[0] != b.shape[1]:
+            raise ShapeError(f"module {path}: {a_part} {list(a.shape)} and {b_part} {list(b.shape)} disagree on the rank")
+        rank = self.config.rank_for(path)
+        if a.shape[0] != rank:
+            source = "rank_pattern" if rank != self.config.r else "r"
+            raise ShapeError(
+                f"module {path}: tensors have rank {a.shape[0]} but the config gives r={rank} (from {source})"
+            )
+        alpha = self.config.alpha_for(path)
+        ref = locate(self.detection.architecture, self.detection.prefix, path) if self.detection.known else None
+        if embedding:
+            layout = Layout.EMBEDDING
+        elif ref is not None:
+            layout = ref.layout
+        else:
+            layout = Layout.LINEAR
+        module = LoraModule(
+            path=path,
+            embedding=embedding,
+            rank=rank,
+            alpha=alpha,
+            scaling=self.config.scaling_for(path),
+            a_key=ps[a_part],
+            b_key=ps[b_part],
+            in_features=a.shape[1],
+            out_features=b.shape[0],
+            layout=layout,
+            role=ref.role if ref else None,
+            layer=ref.layer if ref else None,
+            magnitude_key=ps.get("lora_magnitude_vector"),
+            lora_bias_key=ps.get("lora_B.bias"),
+            base_bias_key=ps.get("base_layer.bias"),
+            base_weight_key=ps.get("base_layer.weight"),
+        )
+        for key, what in ((module.magnitude_key, "lora_magnitude_vector"), (module.lora_bias_key, "lora_B.bias")):
+            if key is not None and self.tensors.meta(key).shape != (module.out_features,):
+                shape = list(self.tensors.meta(key).shape)
+                raise ShapeError(f"module {path}: {what} has shape {shape}, expected [{module.out_features}]")
+        if module.magnitude_key and not self.config.use_dora:
+            raise ConfigError(f"module {path}: has a DoRA lora_magnitude_vector but the config does not set use_dora")
+        return module
+
+    # ---- tensors ---------------------------------------------------------------------------
+
+    def tensor(self, key: str) -> "torch.Tensor":
+        return self.tensors.get(key)
+
+    def factors(self, path: str) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(A, B) as stored: A (r, in), B (out, r) — embeddings: A (r, num), B (dim, r)."""
+        module = self.modules[path]
+        return self.tensors.get(module.a_key), self.tensors.get(module.b_key)
+
+    def delta(self, path: str, device: "torch.device | str | None" = None) -> "torch.Tensor":
+        """ΔW = s·B@A in float32, in the base weight's own orientation (transposed for Conv1D
+        and embeddings)."""
+        import torch
+
+        module = self.modules[path]
+        a, b = (t.to(device=device, dtype=torch.float32) for t in self.factors(path))
+        delta = (b @ a).mul_(module.scaling)
+        return delta if module.layout is Layout.LINEAR else delta.T
+
+    def state_dict(self) -> dict[str, "torch.Tensor"]:
+        """Every tensor of the adapter, loaded, under its PEFT key."""
+        return {key: self.tensors.get(key) for key in self.tensors.keys()}
+
+    @property
+    def architecture(self) -> str | None:
+        return self.detection.architecture
+
+
+def _factor_parts(ps: dict[str, str]) -> bool:
+    return any(p in ps for p in ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"))

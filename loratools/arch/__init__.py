@@ -1,0 +1,20 @@
+"""Architecture knowledge as plain data (no torch): roles, per-family module tables, detection."""
+
+from .roles import Layout, Role
+from .tables import ARCHITECTURES, Architecture, Head, ModuleTemplate, get_architecture
+from .detect import Detection, ModuleRef, detect_from_config, detect_from_paths, locate
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "Detection",
+    "Head",
+    "Layout",
+    "ModuleRef",
+    "ModuleTemplate",
+    "Role",
+    "detect_from_config",
+    "detect_from_paths",
+    "get_architecture",
+    "locate",
+]

@@ -1,0 +1,36 @@
+"""Canonical roles a module plays in a transformer, independent of any naming scheme."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Role(str, Enum):
+    ATTN_Q = "attn_q"
+    ATTN_K = "attn_k"
+    ATTN_V = "attn_v"
+    ATTN_QKV = "attn_qkv"  # a fused q,k,v projection (GPT-2's c_attn)
+    ATTN_OUT = "attn_out"
+    FFN_UP = "ffn_up"
+    FFN_GATE = "ffn_gate"
+    FFN_DOWN = "ffn_down"
+    TOKEN_EMBED = "token_embed"
+    # Known modules with no counterpart in the other families (never converted).
+    POS_EMBED = "pos_embed"
+    LM_HEAD = "lm_head"
+    POOLER = "pooler"
+    CLASSIFIER = "classifier"
+
+    def __str__(self) -> str:  # print "attn_q", not "Role.ATTN_Q"
+        return self.value
+
+
+class Layout(str, Enum):
+    """How the base weight is stored, which fixes the orientation of ΔW."""
+
+    LINEAR = "linear"  # nn.Linear: weight (out, in); ΔW = s·B@A
+    CONV1D = "conv1d"  # transformers' Conv1D: weight (in, out); ΔW = s·(B@A).T
+    EMBEDDING = "embedding"  # nn.Embedding: weight (num, dim); ΔW = s·(B@A).T
+
+    def __str__(self) -> str:
+        return self.value

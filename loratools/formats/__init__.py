@@ -1,0 +1,1 @@
+"""File formats only: safetensors headers, PEFT adapter directories, base checkpoints."""

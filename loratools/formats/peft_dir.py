@@ -1,0 +1,55 @@
+"""PEFT adapter directories: adapter_config.json + adapter_model.safetensors (or legacy .bin)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..adapter import Adapter
+from ..config import CONFIG_NAME, config_json, read_config
+from ..errors import FormatError, InputNotFoundError
+from .atomic import atomic_dir
+from .tensors import SafetensorsStore, TensorStore, load_pickled_tensors
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+
+def adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(config, weights) for an adapter directory, or for a weights file with its config beside it."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (SAFETENSORS_NAME, BIN_NAME):
+            if (path / name).is_file():
+                return path / CONFIG_NAME, path / name
+        raise InputNotFoundError(f"{path}: no {SAFETENSORS_NAME} (or legacy {BIN_NAME}) in this directory")
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: no such file or directory")
+    if path.suffix not in (".safetensors", ".bin"):
+        raise FormatError(f"{path}: expected an adapter directory, a .safetensors or a .bin file")
+    return path.parent / CONFIG_NAME, path
+
+
+def open_tensors(weights: Path) -> TensorStore:
+    if weights.suffix == ".bin":
+        return load_pickled_tensors(weights)
+    return SafetensorsStore(weights)
+
+
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Open a local adapter: reads the config and the safetensors header; tensors load on demand."""
+    config_path, weights = adapter_files(path)
+    config = read_config(config_path)
+    return Adapter(config, open_tensors(weights), source=str(path), weights_path=str(weights))
+
+
+def write_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False) -> Path:
+    """Write `adapter` as a PEFT directory (config + safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    # Load everything before creating anything, so a read error leaves no output behind.
+    tensors = {key: t.contiguous() for key, t in adapter.state_dict().items()}
+    with atomic_dir(out, force=force) as tmp:
+        (tmp / CONFIG_NAME).write_text(config_json(adapter.config.raw))
+        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+    return Path(out)

@@ -1,0 +1,142 @@
+"""Read and check a safetensors header without torch.
+
+A safetensors file is: 8 bytes (little-endian u64 N), N bytes of JSON header, then the data
+buffer. Reading only the header makes opening an adapter O(number of tensors), lets `info` and
+`--help` run without importing torch, and lets us reject a broken file with a precise message
+before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+from ..errors import FormatError, InputNotFoundError
+
+# dtype code in the header -> (bytes per element, torch-style name)
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "U16": (2, "uint16"),
+    "U32": (4, "uint32"),
+    "U64": (8, "uint64"),
+    "BOOL": (1, "bool"),
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+# The reference implementation refuses headers above 100 MB; so do we, before allocating.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # header code, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # offsets into the data buffer
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class Header:
+    path: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int  # byte offset of the data buffer in the file
+    file_size: int
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Parse and fully check the header of a safetensors file (reads only the header bytes)."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    try:
+        file_size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise FormatError(f"{name}: file is {file_size} bytes, too short to be safetensors")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES or n + 8 > file_size:
+                raise FormatError(
+                    f"{name}: header length {n} does not fit in a {file_size}-byte file (truncated or not safetensors)"
+                )
+            raw = fh.read(n)
+    except FileNotFoundError:
+        raise InputNotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, expected a .safetensors file") from None
+    return parse_header(raw, file_size, name=name, path=path)
+
+
+def parse_header(raw: bytes, file_size: int, *, name: str, path: str = "") -> Header:
+    """Check a header's JSON bytes against the size of the file they came from."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{name}: header is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{name}: header is not a JSON object")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{name}: __metadata__ must map strings to strings")
+    data_start = 8 + len(raw)
+    data_len = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in obj.items():
+        tensors[key] = _check_entry(name, key, entry)
+    # The data buffer must be covered exactly: entries sorted by offset are contiguous from 0.
+    position = 0
+    for key, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != position:
+            what = "overlaps another tensor" if info.start < position else "leaves a gap before it"
+            raise FormatError(f"{name}: tensor {key!r} {what} (offset {info.start}, expected {position})")
+        position = info.end
+    if position != data_len:
+        if position > data_len:
+            raise FormatError(f"{name}: truncated: tensors need {position} data bytes, file has {data_len}")
+        raise FormatError(f"{name}: {data_len - position} trailing bytes after the last tensor")
+    return Header(path=path, tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
+
+
+def _check_entry(name: str, key: str, entry: object) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise FormatError(f"{name}: header entry {key!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise FormatError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise FormatError(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise FormatError(f"{name}: tensor {key!r} has invalid data_offsets {offsets!r}")
+    info = TensorInfo(dtype=dtype, shape=tuple(shape), start=offsets[0], end=offsets[1])
+    expected = info.numel * DTYPES[dtype][0]
+    if info.end - info.start != expected:
+        raise FormatError(
+            f"{name}: tensor {key!r} spans {info.end - info.start} bytes but {dtype}{list(shape)} needs {expected}"
+        )
+    return info

@@ -1,0 +1,53 @@
+"""The one place that talks to huggingface_hub: turn a repo id into local files.
+
+An existing local path always wins. Otherwise `org/name` or `org/name@revision` is resolved
+through huggingface_hub's own cache, offline mode (HF_HUB_OFFLINE) and token handling.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import HubError, InputNotFoundError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+
+
+def resolve(spec: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+    """A local path for `spec`: the path itself if it exists, else a Hub snapshot directory."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    spec = os.fspath(spec)
+    if not _REPO_ID.match(spec):
+        raise InputNotFoundError(f"{spec}: no such file or directory")
+    repo_id, _, revision = spec.partition("@")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"{spec}: not a local path, and not in the Hub cache (offline, or the Hub could not be reached)"
+        ) from None
+    except RevisionNotFoundError:
+        raise HubError(f"{spec}: the Hub repo has no revision {revision!r}") from None
+    except GatedRepoError:
+        raise HubError(f"{spec}: gated Hub repo; accept its terms and log in (huggingface-cli login)") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"{spec}: not a local path, and no such Hub repo (or it is private: log in)") from None
+    except HfHubHTTPError as exc:
+        raise HubError(f"{spec}: Hub request failed ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError) as exc:
+        raise HubError(f"{spec}: could not resolve as a Hub repo ({exc})") from None

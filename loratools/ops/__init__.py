@@ -1,0 +1,1 @@
+"""Operations on adapters: pure functions over Adapter objects and tensors."""

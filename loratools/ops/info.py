@@ -1,0 +1,138 @@
+"""`loratools info`: what an adapter is, from its config and header alone (no tensor is loaded)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from ..adapter import Adapter
+
+SCHEMA_VERSION = 1
+
+
+def adapter_info(adapter: Adapter) -> dict[str, Any]:
+    """A JSON-ready description of the adapter (schema documented in the README)."""
+    cfg, det = adapter.config, adapter.detection
+    modules = []
+    for m in adapter.modules.values():
+        modules.append(
+            {
+                "name": m.path,
+                "role": m.role.value if m.role else None,
+                "layer": m.layer,
+                "layout": m.layout.value,
+                "weight_shape": list(m.weight_shape),
+                "rank": m.rank,
+                "alpha": m.alpha,
+                "scaling": m.scaling,
+                "dora": m.magnitude_key is not None,
+                "lora_bias": m.lora_bias_key is not None,
+            }
+        )
+    metas = {key: adapter.tensors.meta(key) for key in adapter.tensors.keys()}
+    lora_keys = set()
+    for m in adapter.modules.values():
+        lora_keys.update(k for k in (m.a_key, m.b_key, m.magnitude_key, m.lora_bias_key) if k)
+    extra_kinds = {e.key: e.kind for e in adapter.extras}
+    trainable = sum(
+        meta.numel for key, meta in metas.items() if key in lora_keys or extra_kinds.get(key) in ("modules_to_save", "base_bias", "bias")
+    )
+    roles = Counter(m.role.value if m.role else "unknown" for m in adapter.modules.values())
+    weights = adapter.weights_path
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "adapter": adapter.source,
+        "architecture": det.architecture,
+        "architecture_note": det.reason or None,  # why it is unknown, or what is uncertain
+        "head": det.head,
+        "peft_type": cfg.raw.get("peft_type"),
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "scaling": cfg.default_scaling,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "fan_in_fan_out": cfg.fan_in_fan_out,
+        "lora_bias": cfg.lora_bias,
+        "bias": cfg.bias,
+        "rank_pattern": cfg.rank_pattern,
+        "alpha_pattern": cfg.alpha_pattern,
+        "target_modules": cfg.target_modules,
+        "roles": dict(sorted(roles.items())),
+        "num_modules": len(adapter.modules),
+        "trainable_parameters": trainable,
+        "total_parameters": sum(meta.numel for meta in metas.values()),
+        "dtypes": dict(sorted(Counter(meta.dtype for meta in metas.values()).items())),
+        "file": {
+            "path": weights,
+            "format": "bin" if str(weights).endswith(".bin") else "safetensors",
+            "bytes": os.path.getsize(weights) if weights and os.path.isfile(weights) else None,
+        },
+        "modules": modules,
+        "extras": [
+            {"key": e.key, "kind": e.kind, "replaces": e.target, "shape": list(metas[e.key].shape), "dtype": metas[e.key].dtype}
+            for e in adapter.extras
+        ],
+        "unknown_keys": list(adapter.unknown_keys),
+    }
+
+
+def render_info(info: dict[str, Any]) -> str:
+    """The human-readable form of adapter_info()."""
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    arch = info["architecture"] or f"unknown ({info['architecture_note']})"
+    if info["head"]:
+        arch += f", {info['head']} head"
+    lines = [
+        f"adapter       {info['adapter']}",
+        f"architecture  {arch}",
+        f"peft_type     {info['peft_type']}   base: {info['base_model_name_or_path'] or '-'}",
+        f"r / alpha     {info['r']} / {_num(info['lora_alpha'])}   scaling {_num(info['scaling'])}"
+        f"{'  (alpha/sqrt(r), rsLoRA)' if info['use_rslora'] else ''}",
+        f"flags         rslora {yes(info['use_rslora'])}, dora {yes(info['use_dora'])}, "
+        f"fan_in_fan_out {yes(info['fan_in_fan_out'])}, lora_bias {yes(info['lora_bias'])}, bias {info['bias']}",
+        f"targets       {_targets(info['target_modules'])}",
+        f"modules       {info['num_modules']} ({', '.join(f'{r} {n}' for r, n in info['roles'].items())})",
+        f"parameters    {info['trainable_parameters']:,} trainable, {info['total_parameters']:,} in the file",
+        f"dtypes        {', '.join(f'{d} x{n}' for d, n in info['dtypes'].items())}",
+        f"file          {info['file']['path']} ({info['file']['format']}, {_size(info['file']['bytes'])})",
+    ]
+    for name in ("rank_pattern", "alpha_pattern"):
+        if info[name]:
+            lines.append(f"{name:<13} {', '.join(f'{k!r}: {_num(v)}' for k, v in info[name].items())}")
+    odd = [m for m in info["modules"] if (m["rank"], m["alpha"]) != (info["r"], info["lora_alpha"])]
+    if odd:
+        lines.append(f"modules whose r / alpha differ from the defaults ({len(odd)}):")
+        lines += [f"  {m['name']:<48} r={m['rank']:<4} alpha={_num(m['alpha']):<6} scaling={_num(m['scaling'])}" for m in odd]
+    if info["extras"]:
+        lines.append(f"extra tensors ({len(info['extras'])}):")
+        lines += [f"  {e['kind']:<16} {e['replaces']:<48} {e['shape']} {e['dtype']}" for e in info["extras"]]
+    if info["unknown_keys"]:
+        lines.append(f"unrecognised keys ({len(info['unknown_keys'])}; neither LoRA factors nor known extras):")
+        lines += [f"  {k}" for k in info["unknown_keys"][:20]]
+        if len(info["unknown_keys"]) > 20:
+            lines.append(f"  ... and {len(info['unknown_keys']) - 20} more")
+    return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _targets(targets: Any) -> str:
+    if targets is None:
+        return "-"
+    if isinstance(targets, str):
+        return f"regex {targets!r}"
+    return ", ".join(sorted(targets))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
