@@ -73,13 +73,22 @@ def detect_from_paths(
     paths = list(paths) or list(other_paths)
     if not paths:
         return Detection(None, reason="no modules to detect from")
+    # Only backbone modules count as evidence: head modules (lm_head, score, classifier) have
+    # the same names in many families and would make anything with an lm_head look known.
     scores: list[tuple[int, str, str]] = []  # (matches, arch, prefix)
     for arch in ARCHITECTURES.values():
         for prefix in sorted({h.prefix for h in arch.heads}):
-            n = sum(locate(arch.name, prefix, p) is not None for p in paths)
+            refs = (locate(arch.name, prefix, p) for p in paths)
+            n = sum(ref is not None and not ref.template.in_head for ref in refs)
             if n:
                 scores.append((n, arch.name, prefix))
     if not scores:
+        # No backbone module: the model class PEFT recorded (auto_mapping) is the only evidence left.
+        for arch in ARCHITECTURES.values():
+            head = arch.head_for_class(class_name) if class_name else None
+            if head is not None:
+                unmatched = tuple(p for p in paths if locate(arch, head.prefix, p) is None)
+                return Detection(arch.name, head.name, head.prefix, reason=f"from the recorded class {class_name}", unmatched=unmatched)
         return Detection(None, reason="no module path matches the llama, gpt2 or bert tables")
     scores.sort(reverse=True)
     best, arch_name, prefix = scores[0]

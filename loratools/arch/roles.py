@@ -17,7 +17,9 @@ class Role(str, Enum):
     TOKEN_EMBED = "token_embed"
     # Known modules with no counterpart in the other families (never converted).
     POS_EMBED = "pos_embed"
+    TOKEN_TYPE_EMBED = "token_type_embed"
     LM_HEAD = "lm_head"
+    LM_HEAD_TRANSFORM = "lm_head_transform"  # BERT's dense layer before the MLM decoder
     POOLER = "pooler"
     CLASSIFIER = "classifier"
 

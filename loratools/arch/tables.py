@@ -137,9 +137,11 @@ BERT = Architecture(
         ModuleTemplate(Role.FFN_DOWN, "encoder.layer.{layer}.output.dense", L),
         ModuleTemplate(Role.TOKEN_EMBED, "embeddings.word_embeddings", E),
         ModuleTemplate(Role.POS_EMBED, "embeddings.position_embeddings", E),
+        ModuleTemplate(Role.TOKEN_TYPE_EMBED, "embeddings.token_type_embeddings", E),
         ModuleTemplate(Role.POOLER, "pooler.dense", L),
         ModuleTemplate(Role.CLASSIFIER, "classifier", L, in_head=True),
         ModuleTemplate(Role.CLASSIFIER, "qa_outputs", L, in_head=True),
+        ModuleTemplate(Role.LM_HEAD_TRANSFORM, "cls.predictions.transform.dense", L, in_head=True),
         ModuleTemplate(Role.LM_HEAD, "cls.predictions.decoder", L, in_head=True),
     ),
 )
