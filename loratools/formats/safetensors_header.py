@@ -104,12 +104,15 @@ def parse_header(raw: bytes, file_size: int, *, name: str, path: str = "") -> He
     tensors: dict[str, TensorInfo] = {}
     for key, entry in obj.items():
         tensors[key] = _check_entry(name, key, entry)
-    # The data buffer must be covered exactly: entries sorted by offset are contiguous from 0.
+    # The data buffer must be covered exactly: no two tensors share bytes, no gaps, no tail.
+    ordered = sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end))
+    for (prev_key, prev), (key, info) in zip(ordered, ordered[1:]):
+        if info.start < prev.end and info.end > info.start:
+            raise FormatError(f"{name}: tensor {key!r} overlaps tensor {prev_key!r} in the data buffer")
     position = 0
-    for key, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+    for key, info in ordered:
         if info.start != position:
-            what = "overlaps another tensor" if info.start < position else "leaves a gap before it"
-            raise FormatError(f"{name}: tensor {key!r} {what} (offset {info.start}, expected {position})")
+            raise FormatError(f"{name}: tensor {key!r} leaves a gap before it (offset {info.start}, expected {position})")
         position = info.end
     if position != data_len:
         if position > data_len:

@@ -95,20 +95,26 @@ def load_pickled_tensors(path: str | os.PathLike) -> MemoryStore:
     """A legacy adapter_model.bin, read with torch.load(weights_only=True) and nothing else:
     a pickle that needs arbitrary objects is refused, never executed."""
     import pickle
+    import re
+    import warnings
 
     import torch
 
     name = os.path.basename(os.fspath(path))
     try:
-        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the verdict is what matters
+            warnings.simplefilter("ignore")
+            obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
+        # torch's message is long; keep the sentence that says what the pickle wanted.
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+        why = found.group(1).split(". ")[0].strip().rstrip(".") if found else "it needs more than plain tensors"
         raise FormatError(
-            f"{name}: refused: the pickle needs more than plain tensors to load "
-            f"(weights_only=True: {first[:200]}); re-save it as safetensors with a trusted tool"
+            f"{name}: refused to unpickle ({why}); loratools loads .bin files with weights_only=True only. "
+            "Re-save the adapter as safetensors with a trusted tool"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FormatError(f"{name}: not a readable torch checkpoint ({first[:200]})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise FormatError(f"{name}: expected a dict of name -> tensor, got {type(obj).__name__}")
