@@ -125,7 +125,7 @@ def _check_entry(name: str, key: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise FormatError(f"{name}: header entry {key!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FormatError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise FormatError(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
