@@ -20,3 +20,35 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False) 
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors), atomically;
     an existing `out` is replaced only with force=True."""
     return write_adapter(adapter, out, force=force)
+
+
+def merge(
+    base: str | os.PathLike,
+    adapter: "str | os.PathLike | Adapter",
+    out: str | os.PathLike,
+    *,
+    device: str = "auto",
+    scale: float = 1.0,
+    dtype: str | None = None,
+    force: bool = False,
+    progress=None,
+):
+    """Merge `adapter` into the checkpoint `base` and write `out`, as PEFT's merge_and_unload would.
+
+    base: a model directory (model.safetensors or sharded with an index), a .safetensors file or a
+    Hub repo id; adapter: a path, repo id or loaded Adapter. device: "auto" (CUDA when available),
+    "cpu", "cuda", "cuda:N". scale multiplies every ΔW (-1 undoes a merge). dtype: "float32",
+    "float16", "bfloat16" or None to keep each tensor's. progress(done_bytes, total_bytes) is called
+    after each tensor.
+    Returns a MergeReport. Everything is checked before the first byte is written; `out` appears
+    only when complete.
+    """
+    from .formats.checkpoint import open_checkpoint
+    from .hub import BASE_IGNORE_PATTERNS
+    from .ops.merge import merge_checkpoint, plan_merge
+
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter)
+    checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
+    plan = plan_merge(checkpoint, adapter, scale=scale, dtype=dtype)
+    return merge_checkpoint(plan, out, device=device, force=force, progress=progress)

@@ -70,5 +70,61 @@ def info(adapter: str, as_json: bool) -> None:
     _print_json(report) if as_json else click.echo(render_info(report))
 
 
+@main.command()
+@click.argument("base")
+@click.argument("adapter")
+@click.argument("out", type=click.Path())
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply every ΔW (-1 undoes an earlier merge).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype of float tensors [default: keep each].")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (schema in the README).")
+def merge(base, adapter, out, device, scale, dtype, force, quiet, as_json) -> None:
+    """Merge ADAPTER into the BASE checkpoint and write OUT, like PEFT's merge_and_unload.
+
+    BASE is a model directory (model.safetensors, or shards with model.safetensors.index.json),
+    a single .safetensors file or a Hub repo id; OUT mirrors it (same shards, index, config and
+    tokenizer files). Streams tensor by tensor; nothing appears at OUT unless the merge completes.
+    """
+    from .api import merge as run_merge
+
+    with _progress_bar(enabled=not quiet and not as_json, label="merging") as progress:
+        report = run_merge(base, adapter, out, device=device, scale=scale, dtype=dtype, force=force, progress=progress)
+    if as_json:
+        _print_json(report.to_dict())
+    elif not quiet:
+        click.echo(
+            f"merged into {report.out}: {report.tensors_changed} tensors changed, {report.tensors_replaced} replaced, "
+            f"{report.tensors} in {report.shards} shard(s); {report.bytes_written:,} bytes in {report.seconds:.2f} s on {report.device}"
+        )
+        if report.skipped_files:
+            click.echo(f"not copied (weights in other formats): {', '.join(report.skipped_files)}", err=True)
+
+
+class _progress_bar:
+    """A byte-progress bar on stderr, shown only on a terminal; yields the callback (or None)."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=False)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
 if __name__ == "__main__":  # python -m loratools.cli
     main()

@@ -14,6 +14,12 @@ class LoraToolsError(Exception):
     exit_code = 1
 
 
+class UsageError(LoraToolsError, ValueError):
+    """An option value the library cannot act on (exit code 2, like click's usage errors)."""
+
+    exit_code = 2
+
+
 class InputNotFoundError(LoraToolsError, FileNotFoundError):
     """A path, file or Hub repo that should exist does not."""
 

@@ -15,9 +15,13 @@ from .errors import HubError, InputNotFoundError
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+# For a base model: the safetensors weights and every small file, not other weight formats.
+BASE_IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx", "*.ot", "original/*"]
 
 
-def resolve(spec: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+def resolve(
+    spec: str | os.PathLike, allow_patterns: list[str] | None = None, ignore_patterns: list[str] | None = None
+) -> Path:
     """A local path for `spec`: the path itself if it exists, else a Hub snapshot directory."""
     path = Path(spec).expanduser()
     if path.exists():
@@ -36,7 +40,9 @@ def resolve(spec: str | os.PathLike, allow_patterns: list[str] | None = None) ->
     )
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=allow_patterns))
+        return Path(snapshot_download(
+            repo_id, revision=revision or None, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        ))
     except LocalEntryNotFoundError:
         raise HubError(
             f"{spec}: not a local path, and not in the Hub cache (offline, or the Hub could not be reached)"

@@ -38,3 +38,24 @@ def sample_inputs(base: str) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def outputs(model, base: str) -> torch.Tensor:
     return model(**sample_inputs(base)).logits
+
+
+AUTO_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModelForSequenceClassification"}
+
+
+def load_base(family: str, base_dir: str | Path, dtype: torch.dtype | None = None):
+    """A base checkpoint loaded by transformers, the way a user would."""
+    import transformers
+
+    cls = getattr(transformers, AUTO_CLASS[family])
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(str(base_dir), **kwargs).eval()
+
+
+def peft_merged_state_dict(family: str, base_dir, adapter_dir, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """transformers from_pretrained -> PeftModel.from_pretrained -> merge_and_unload."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base(family, base_dir, dtype), str(adapter_dir))
+    merged = model.merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}

@@ -47,3 +47,21 @@ def _replace(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(new, out)
+
+
+@contextmanager
+def atomic_file(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside `out`; on success it replaces `out` in one rename."""
+    out = check_output(out, force)
+    if out.is_dir():
+        raise OutputExistsError(f"{out}: is a directory; the output of a single-file input is a file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,110 @@
+"""Base checkpoints in safetensors: one `model.safetensors`, shards listed in
+`model.safetensors.index.json`, or a single .safetensors file. Only headers are read here."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, FormatError, InputNotFoundError
+from .safetensors_header import Header, TensorInfo, read_header
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Weights in other formats are never copied into a merged output: they would hold the unmerged
+# weights under a name transformers might load.
+OTHER_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx", "*.ot")
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the directory, or the single file
+    is_file: bool  # a bare .safetensors file, not a model directory
+    shards: dict[str, Header]  # shard file name (relative to the directory) -> header, in index order
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    index: dict | None = None  # the parsed index file, when sharded
+    config: dict | None = None  # config.json, when present
+    other_files: list[str] = field(default_factory=list)  # relative paths copied as they are
+    skipped_files: list[str] = field(default_factory=list)  # other-format weights, not copied
+
+    def info(self, name: str) -> TensorInfo:
+        return self.shards[self.weight_map[name]].tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    @property
+    def largest_shard_bytes(self) -> int:
+        return max((h.file_size for h in self.shards.values()), default=0)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise FormatError(f"{path}: expected a .safetensors file or a model directory")
+        header = read_header(path)
+        return Checkpoint(path, True, {path.name: header}, {name: path.name for name in header.tensors})
+    if not path.is_dir():
+        raise InputNotFoundError(f"{path}: no such file or directory")
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+    if (path / INDEX_NAME).is_file():
+        index = _read_json(path / INDEX_NAME)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConfigError(f"{INDEX_NAME}: no valid weight_map (tensor name -> shard file)")
+        shards: dict[str, Header] = {}
+        for shard in dict.fromkeys(weight_map.values()):
+            if os.path.isabs(shard) or ".." in Path(shard).parts:
+                raise ConfigError(f"{INDEX_NAME}: shard path {shard!r} points outside the checkpoint")
+            if not (path / shard).is_file():
+                raise InputNotFoundError(f"{path / shard}: shard listed in {INDEX_NAME} is missing")
+            shards[shard] = read_header(path / shard)
+        for name, shard in weight_map.items():
+            if name not in shards[shard].tensors:
+                raise FormatError(f"{INDEX_NAME}: lists {name!r} in {shard}, but that shard has no such tensor")
+        # Tensors a shard holds but the index does not list are carried along unchanged.
+        full_map = {name: shard for shard, header in shards.items() for name in header.tensors}
+        full_map.update(weight_map)
+        used = {INDEX_NAME, *shards}
+        checkpoint = Checkpoint(path, False, shards, full_map, index=index, config=config)
+    elif (path / SINGLE_NAME).is_file():
+        header = read_header(path / SINGLE_NAME)
+        used = {SINGLE_NAME}
+        checkpoint = Checkpoint(path, False, {SINGLE_NAME: header}, {n: SINGLE_NAME for n in header.tensors}, config=config)
+    else:
+        raise InputNotFoundError(
+            f"{path}: no {SINGLE_NAME} or {INDEX_NAME} (loratools merges safetensors checkpoints)"
+        )
+    for rel in _files(path):
+        if rel in used:
+            continue
+        if any(fnmatch.fnmatch(Path(rel).name, pattern) for pattern in OTHER_WEIGHTS):
+            checkpoint.skipped_files.append(rel)
+        else:
+            checkpoint.other_files.append(rel)
+    return checkpoint
+
+
+def _files(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .git, .cache
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path.name}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path.name}: expected a JSON object")
+    return obj

@@ -1,0 +1,352 @@
+"""Merge an adapter into base weights, streaming, with the semantics of PEFT's merge_and_unload.
+
+Two phases. `plan_merge` reads headers only: it maps every adapter module and extra tensor onto
+a base tensor, checks shapes and dtypes, and fails before anything is written. `merge` then
+streams the base tensor by tensor: untouched tensors are copied byte for byte; touched ones are
+loaded, changed in float32 on the chosen device and rounded once into the output dtype. At most
+one tensor (plus its float32 working copy) is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..adapter import Adapter, LoraModule
+from ..arch import ARCHITECTURES, Layout, Role, detect_from_config
+from ..errors import ConfigError, ShapeError, UnsupportedError, UsageError
+from ..formats.atomic import atomic_dir, atomic_file
+from ..formats.checkpoint import INDEX_NAME, Checkpoint
+from ..formats.safetensors_header import DTYPES, FLOAT_DTYPES
+from ..formats.safetensors_writer import StreamingSafetensorsWriter
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+@dataclass
+class TensorOps:
+    """What happens to one base tensor: an optional replacement, then additive updates."""
+
+    replace_key: str | None = None  # adapter key whose tensor replaces the base tensor
+    modules: list[LoraModule] = field(default_factory=list)  # add s·ΔW (DoRA: renormalise)
+    lora_biases: list[LoraModule] = field(default_factory=list)  # add s·lora_B.bias
+
+
+@dataclass
+class MergePlan:
+    base: Checkpoint
+    adapter: Adapter
+    ops: dict[str, TensorOps]  # base tensor name -> ops
+    scale: float
+    out_dtype: str | None  # dtype code for every float tensor, or None to keep each one's
+
+
+def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: str | None = None) -> MergePlan:
+    """Map the adapter onto the base and check everything that can be checked from headers."""
+    if dtype is not None and dtype not in DTYPE_CODES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CODES)}, got {dtype!r}")
+    _check_architectures(base, adapter)
+    if scale != 1.0:
+        if any(m.magnitude_key for m in adapter.modules.values()):
+            raise UnsupportedError("--scale other than 1 is not defined for DoRA: its merge is not additive")
+        if adapter.extras:
+            kinds = ", ".join(sorted({e.kind for e in adapter.extras}))
+            raise UnsupportedError(f"--scale other than 1 cannot scale tensors that replace base tensors ({kinds})")
+    if not adapter.modules and not adapter.extras:
+        raise ShapeError("the adapter has no LoRA modules and no extra tensors: nothing to merge")
+    mapper = _NameMapper(base, adapter)
+    ops: dict[str, TensorOps] = {}
+    for extra in adapter.extras:
+        name = mapper.find(extra.target, f"{extra.kind} tensor {extra.key}")
+        want, have = adapter.tensors.meta(extra.key).shape, base.info(name).shape
+        if want != have:
+            raise ShapeError(f"{extra.kind} tensor {extra.key}: shape {list(want)} but base {name} is {list(have)}")
+        ops.setdefault(name, TensorOps()).replace_key = extra.key
+    for module in adapter.modules.values():
+        name = mapper.find(f"{module.path}.weight", f"module {module.path}", lm_head=module.role is Role.LM_HEAD)
+        info = base.info(name)
+        if info.dtype not in FLOAT_DTYPES or info.dtype.startswith("F8"):
+            raise UnsupportedError(f"module {module.path}: base {name} is {info.dtype}; only float16/bfloat16/float32/float64 bases can be merged")
+        if tuple(info.shape) != module.weight_shape:
+            raise ShapeError(
+                f"module {module.path}: adapter expects {name} of shape {list(module.weight_shape)} "
+                f"({module.layout.value}), base has {list(info.shape)}"
+            )
+        ops.setdefault(name, TensorOps()).modules.append(module)
+        if module.lora_bias_key:
+            bias = mapper.find(f"{module.path}.bias", f"lora_bias of {module.path}", required=False)
+            if bias is None:
+                raise ShapeError(f"module {module.path}: lora_bias=True but the base layer has no bias (PEFT cannot merge it either)")
+            ops.setdefault(bias, TensorOps()).lora_biases.append(module)
+    return MergePlan(base, adapter, ops, scale, DTYPE_CODES[dtype] if dtype else None)
+
+
+class _NameMapper:
+    """Find the base tensor for a name from the adapter. Checkpoints are saved with or without
+    the backbone prefix (GPT-2's Hub checkpoint has `h.0...`, GPT2LMHeadModel's modules are
+    `transformer.h.0...`), so the prefix is added or dropped when that is what matches."""
+
+    def __init__(self, base: Checkpoint, adapter: Adapter):
+        self.base = base
+        arch = adapter.architecture or (detect_from_config(base.config).architecture if base.config else None)
+        archs = [ARCHITECTURES[arch]] if arch else list(ARCHITECTURES.values())
+        self.arch = ARCHITECTURES.get(arch) if arch else None
+        self.prefixes = sorted({h.prefix for a in archs for h in a.heads if h.prefix}, key=len, reverse=True)
+
+    def candidates(self, name: str) -> list[str]:
+        out = [name]
+        for prefix in self.prefixes:
+            out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
+        return out
+
+    def find(self, name: str, what: str, required: bool = True, lm_head: bool = False) -> str | None:
+        for candidate in self.candidates(name):
+            if candidate in self.base:
+                return candidate
+        if lm_head and self.arch is not None and self._tied():
+            # A tied lm_head is stored once, as the token embedding; PEFT's merge changes the
+            # shared tensor, so that is the tensor to change.
+            embed = self.arch.template(Role.TOKEN_EMBED)
+            for prefix in ("", *self.prefixes):
+                if f"{prefix}{embed.path}.weight" in self.base:
+                    return f"{prefix}{embed.path}.weight"
+        if required:
+            raise ShapeError(f"{what}: no tensor {name} in the base checkpoint (wrong base model?)")
+        return None
+
+    def _tied(self) -> bool:
+        return bool((self.base.config or {}).get("tie_word_embeddings", True))
+
+
+def _check_architectures(base: Checkpoint, adapter: Adapter) -> None:
+    base_arch = detect_from_config(base.config).architecture if base.config else None
+    if base_arch and adapter.architecture and base_arch != adapter.architecture:
+        raise ConfigError(f"the adapter is for {adapter.architecture} but the base is {base_arch} (config.json)")
+    conv1d_possible = adapter.config.fan_in_fan_out or base_arch == "gpt2"
+    if adapter.architecture is None and conv1d_possible:
+        raise UnsupportedError(
+            "cannot tell which modules are Conv1D (adapter architecture unknown, fan_in_fan_out set); "
+            "refusing to guess the orientation of ΔW"
+        )
+
+
+# ---- execution ------------------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return dev
+
+
+@dataclass
+class MergeReport:
+    base: str
+    adapter: str
+    out: str
+    device: str
+    shards: int
+    tensors: int
+    tensors_changed: int  # by a LoRA ΔW, DoRA or lora_bias
+    tensors_replaced: int  # by modules_to_save, trained biases, saved embeddings
+    bytes_written: int
+    seconds: float
+    skipped_files: list[str]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def merge_checkpoint(
+    plan: MergePlan,
+    out: str | os.PathLike,
+    device: str = "auto",
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeReport:
+    """Execute a plan: write OUT (a directory mirroring BASE, or a single file) atomically."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    base = plan.base
+    out = Path(out)
+    _refuse_overwriting_inputs(out, base.path, plan.adapter)
+    written = 0
+    if progress:
+        total = sum(h.file_size - h.data_start for h in base.shards.values())
+        progress = _ProgressAdapter(progress, total)
+    if base.is_file:
+        with atomic_file(out, force=force) as tmp:
+            written += _write_shard(plan, base.path, next(iter(base.shards)), tmp, dev, progress)
+    else:
+        with atomic_dir(out, force=force) as tmp:
+            for shard in base.shards:
+                (tmp / shard).parent.mkdir(parents=True, exist_ok=True)
+                written += _write_shard(plan, base.path / shard, shard, tmp / shard, dev, progress)
+            if base.index is not None:
+                (tmp / INDEX_NAME).write_text(_index_json(plan))
+            for rel in base.other_files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(base.path / rel, tmp / rel)  # follows Hub cache symlinks
+            if plan.out_dtype and (tmp / "config.json").is_file():
+                _record_dtype(tmp / "config.json", plan.out_dtype)
+    changed = sum(1 for o in plan.ops.values() if o.modules or o.lora_biases)
+    replaced = sum(1 for o in plan.ops.values() if o.replace_key and not (o.modules or o.lora_biases))
+    return MergeReport(
+        base=str(base.path),
+        adapter=str(plan.adapter.source),
+        out=str(out),
+        device=str(dev),
+        shards=len(base.shards),
+        tensors=len(base.weight_map),
+        tensors_changed=changed,
+        tensors_replaced=replaced,
+        bytes_written=written,
+        seconds=round(time.perf_counter() - started, 3),
+        skipped_files=list(base.skipped_files),
+    )
+
+
+class _ProgressAdapter:
+    """Calls the user's progress(done_bytes, total_bytes) after each tensor."""
+
+    def __init__(self, callback: Callable[[int, int], None], total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        self.callback(self.done, self.total)
+
+
+def _refuse_overwriting_inputs(out: Path, base: Path, adapter: Adapter) -> None:
+    """OUT may not be an input, contain one, or sit inside an input directory: inputs are never
+    modified. (A merged file beside a single-file base is fine.)"""
+    target = out.resolve()
+    inputs = [base.resolve()]
+    if adapter.weights_path:
+        inputs.append(Path(adapter.weights_path).resolve().parent)
+    for p in inputs:
+        inside_input_dir = p.is_dir() and target.is_relative_to(p)
+        if target == p or p.is_relative_to(target) or inside_input_dir:
+            raise UsageError(f"{out}: overlaps an input of this merge ({p}); choose another output path")
+
+
+def _out_entries(plan: MergePlan, shard: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, output dtype code, shape) for every tensor of a shard, in file order."""
+    header = plan.base.shards[shard]
+    names = sorted(header.tensors, key=lambda n: header.tensors[n].start)  # sequential reads
+    entries = []
+    for name in names:
+        info = header.tensors[name]
+        dtype = plan.out_dtype if plan.out_dtype and info.dtype in FLOAT_DTYPES else info.dtype
+        entries.append((name, dtype, info.shape))
+    return entries
+
+
+def _write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, dev: torch.device, progress) -> int:
+    header = plan.base.shards[shard]
+    entries = _out_entries(plan, shard)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        writer = StreamingSafetensorsWriter(fout, entries, header.metadata or {"format": "pt"})
+        for name, dtype, shape in entries:
+            info = header.tensors[name]
+            ops = plan.ops.get(name)
+            if ops is None and dtype == info.dtype:
+                writer.copy_from(name, fin, header.data_start + info.start)
+            else:
+                tensor = _read_tensor(fin, header.data_start + info.start, info.dtype, shape)
+                if ops is not None:
+                    tensor = _apply(plan, ops, tensor, TORCH_DTYPES[dtype], dev)
+                else:
+                    tensor = tensor.to(TORCH_DTYPES[dtype])
+                writer.write(name, tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+            if progress:
+                progress(info.end - info.start)
+        writer.close()
+        fout.flush()
+        return fout.tell()
+
+
+def _read_tensor(fh, start: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    buf = torch.empty(n * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size(), dtype=torch.uint8)
+    fh.seek(start)
+    if buf.numel() and fh.readinto(buf.numpy()) != buf.numel():
+        raise ShapeError(f"{getattr(fh, 'name', 'base')}: ended early (truncated shard?)")
+    return buf.view(TORCH_DTYPES[dtype]).reshape(shape)
+
+
+def _apply(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out_dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    adapter = plan.adapter
+    if ops.replace_key is not None:
+        # PEFT loads a saved tensor into the existing parameter, i.e. in the base's dtype.
+        base = adapter.tensor(ops.replace_key).to(base.dtype)
+    if not (ops.modules or ops.lora_biases):
+        return base.to(out_dtype)
+    w = base.to(device=dev, dtype=torch.float32)
+    for module in ops.modules:
+        a, b = (t.to(device=dev, dtype=torch.float32) for t in adapter.factors(module.path))
+        s = module.scaling * plan.scale
+        if module.magnitude_key is not None:
+            w = _dora(w, a, b, s, adapter.tensor(module.magnitude_key).to(device=dev, dtype=torch.float32), module.layout)
+        elif module.layout is Layout.LINEAR:
+            w.addmm_(b, a, alpha=s)  # w += s·B@A without a separate ΔW buffer
+        else:  # Conv1D (in, out) and Embedding (num, dim) hold ΔW transposed
+            w.T.addmm_(b, a, alpha=s)
+    for module in ops.lora_biases:
+        w.add_(adapter.tensor(module.lora_bias_key).to(device=dev, dtype=torch.float32), alpha=module.scaling * plan.scale)
+    return w.to(out_dtype).cpu()
+
+
+def _dora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, magnitude: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """W' = m / ‖W + ΔW‖_row · (W + ΔW), the norm taken per output row of the (out, in) view."""
+    view = w if layout is Layout.LINEAR else w.T
+    view = view.addmm(b, a, alpha=s)
+    view.mul_((magnitude / torch.linalg.norm(view, dim=1)).unsqueeze(1))
+    return view if layout is Layout.LINEAR else view.T
+
+
+def _index_json(plan: MergePlan) -> str:
+    index = json.loads(json.dumps(plan.base.index))  # a deep copy; weight_map is unchanged
+    total = 0
+    for shard in plan.base.shards:
+        for _, dtype, shape in _out_entries(plan, shard):
+            n = DTYPES[dtype][0]
+            for d in shape:
+                n *= d
+            total += n
+    index.setdefault("metadata", {})["total_size"] = total
+    return json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+
+def _record_dtype(config_path: Path, dtype_code: str) -> None:
+    name = {v: k for k, v in DTYPE_CODES.items()}[dtype_code]
+    config = json.loads(config_path.read_text())
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
