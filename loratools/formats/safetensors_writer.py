@@ -7,11 +7,14 @@ and the tensors' bytes follow in header order. Memory use is one tensor, whateve
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import BinaryIO
 
 from ..errors import LoraToolsError
 from .safetensors_header import DTYPES
+
+COPY_CHUNK = 16 << 20
 
 
 class StreamingSafetensorsWriter:
@@ -45,15 +48,29 @@ class StreamingSafetensorsWriter:
         self._fh.write(view)
         self._next += 1
 
-    def copy_from(self, name: str, src: BinaryIO, start: int, chunk: int = 64 << 20) -> None:
-        """Append the next tensor by copying its bytes from an open file at `start`."""
+    def copy_from(self, name: str, src: BinaryIO, start: int) -> None:
+        """Append the next tensor by copying its bytes from an open file at `start`, in the
+        kernel where it can (copy_file_range), so the bytes never pass through Python."""
         expected_name, size = self._expected[self._next]
         if name != expected_name:
             raise LoraToolsError(f"internal: copied {name} where {expected_name} was due")
-        src.seek(start)
-        remaining = size
+        self._fh.flush()
+        copied = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while copied < size:
+                    n = os.copy_file_range(src.fileno(), self._fh.fileno(), size - copied, start + copied)
+                    if n == 0:
+                        break
+                    copied += n
+                # copy_file_range moved the file position of the output; keep the Python object in step
+                self._fh.seek(0, os.SEEK_END)
+            except OSError:  # e.g. not supported across these filesystems: fall back to read/write
+                self._fh.seek(0, os.SEEK_END)
+        src.seek(start + copied)
+        remaining = size - copied
         while remaining:
-            block = src.read(min(chunk, remaining))
+            block = src.read(min(COPY_CHUNK, remaining))
             if not block:
                 raise LoraToolsError(f"{getattr(src, 'name', 'input')}: ended early while copying {name}")
             self._fh.write(block)

@@ -265,9 +265,28 @@ def _out_entries(plan: MergePlan, shard: str) -> list[tuple[str, str, tuple[int,
     return entries
 
 
+class _Buffers:
+    """Reusable byte buffers: allocating (and page-faulting) fresh memory for every tensor costs
+    more than the arithmetic of a merge. Grows to the largest tensor touched, then stays."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[slot] = torch.empty(n, dtype=torch.uint8)
+        return buf[:n].view(dtype).view(shape)
+
+
+ROW_BLOCK_BYTES = 1 << 20  # float32 rows processed per step: small enough to stay in cache
+
+
 def _write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, dev: torch.device, progress) -> int:
     header = plan.base.shards[shard]
     entries = _out_entries(plan, shard)
+    buffers = _Buffers()
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         writer = StreamingSafetensorsWriter(fout, entries, header.metadata or {"format": "pt"})
         for name, dtype, shape in entries:
@@ -276,12 +295,13 @@ def _write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, dev: torch.d
             if ops is None and dtype == info.dtype:
                 writer.copy_from(name, fin, header.data_start + info.start)
             else:
-                tensor = _read_tensor(fin, header.data_start + info.start, info.dtype, shape)
-                if ops is not None:
-                    tensor = _apply(plan, ops, tensor, TORCH_DTYPES[dtype], dev)
+                tensor = _read_tensor(fin, header.data_start + info.start, info.dtype, shape, buffers)
+                out = buffers.get("out", TORCH_DTYPES[dtype], shape)
+                if ops is None:
+                    out.copy_(tensor)
                 else:
-                    tensor = tensor.to(TORCH_DTYPES[dtype])
-                writer.write(name, tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+                    _apply(plan, ops, tensor, out, dev)
+                writer.write(name, out.view(torch.uint8).reshape(-1).numpy())
             if progress:
                 progress(info.end - info.start)
         writer.close()
@@ -289,37 +309,56 @@ def _write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, dev: torch.d
         return fout.tell()
 
 
-def _read_tensor(fh, start: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    n = 1
-    for d in shape:
-        n *= d
-    buf = torch.empty(n * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size(), dtype=torch.uint8)
+def _read_tensor(fh, start: int, dtype: str, shape: tuple[int, ...], buffers: _Buffers) -> torch.Tensor:
+    tensor = buffers.get("in", TORCH_DTYPES[dtype], shape)
+    raw = tensor.view(torch.uint8).reshape(-1)
     fh.seek(start)
-    if buf.numel() and fh.readinto(buf.numpy()) != buf.numel():
+    if raw.numel() and fh.readinto(raw.numpy()) != raw.numel():
         raise ShapeError(f"{getattr(fh, 'name', 'base')}: ended early (truncated shard?)")
-    return buf.view(TORCH_DTYPES[dtype]).reshape(shape)
+    return tensor
 
 
-def _apply(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out_dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+def _apply(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: torch.Tensor, dev: torch.device) -> None:
+    """Write into `out` (the output dtype) the base tensor after the plan's ops."""
     adapter = plan.adapter
     if ops.replace_key is not None:
         # PEFT loads a saved tensor into the existing parameter, i.e. in the base's dtype.
         base = adapter.tensor(ops.replace_key).to(base.dtype)
     if not (ops.modules or ops.lora_biases):
-        return base.to(out_dtype)
-    w = base.to(device=dev, dtype=torch.float32)
+        out.copy_(base)
+        return
+    low_rank = []  # (L, R, s): ΔW = s·L@R in the base tensor's own orientation
     for module in ops.modules:
         a, b = (t.to(device=dev, dtype=torch.float32) for t in adapter.factors(module.path))
         s = module.scaling * plan.scale
         if module.magnitude_key is not None:
-            w = _dora(w, a, b, s, adapter.tensor(module.magnitude_key).to(device=dev, dtype=torch.float32), module.layout)
-        elif module.layout is Layout.LINEAR:
-            w.addmm_(b, a, alpha=s)  # w += s·B@A without a separate ΔW buffer
-        else:  # Conv1D (in, out) and Embedding (num, dim) hold ΔW transposed
-            w.T.addmm_(b, a, alpha=s)
-    for module in ops.lora_biases:
-        w.add_(adapter.tensor(module.lora_bias_key).to(device=dev, dtype=torch.float32), alpha=module.scaling * plan.scale)
-    return w.to(out_dtype).cpu()
+            magnitude = adapter.tensor(module.magnitude_key).to(device=dev, dtype=torch.float32)
+            w = _dora(base.to(device=dev, dtype=torch.float32), a, b, s, magnitude, module.layout)
+            out.copy_(w)
+            return
+        # Conv1D (in, out) and Embedding (num, dim) hold ΔW transposed: (B@A).T = A.T @ B.T
+        low_rank.append((b, a, s) if module.layout is Layout.LINEAR else (a.T, b.T, s))
+    if base.dim() == 1:  # a bias: lora_bias adds s·lora_B.bias
+        w = base.to(device=dev, dtype=torch.float32)
+        for module in ops.lora_biases:
+            w.add_(adapter.tensor(module.lora_bias_key).to(device=dev, dtype=torch.float32), alpha=module.scaling * plan.scale)
+        out.copy_(w)
+        return
+    if dev.type != "cpu":
+        w = base.to(device=dev, dtype=torch.float32)
+        for left, right, s in low_rank:
+            w.addmm_(left, right, alpha=s)
+        out.copy_(w)
+        return
+    # CPU: row blocks, so the float32 working copy stays in cache and each byte of the base is
+    # read and written once. Same arithmetic: W + s·L@R in float32, rounded once into `out`.
+    rows_per_block = max(1, ROW_BLOCK_BYTES // (4 * base.shape[1]))
+    for start in range(0, base.shape[0], rows_per_block):
+        stop = min(start + rows_per_block, base.shape[0])
+        block = base[start:stop].to(torch.float32)
+        for left, right, s in low_rank:
+            block.addmm_(left[start:stop], right, alpha=s)
+        out[start:stop].copy_(block)
 
 
 def _dora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, magnitude: torch.Tensor, layout: Layout) -> torch.Tensor:
