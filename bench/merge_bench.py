@@ -23,6 +23,20 @@ from pathlib import Path
 SYNTHETIC = str(Path(__file__).resolve().with_name("synthetic.py"))
 LORATOOLS = str(Path(sys.executable).with_name("loratools"))
 
+# The floor for tensors that must be computed: bytes read into and written from user space.
+# (cp -r copies in the kernel, which on some machines is several times faster.)
+USER_SPACE_COPY = """
+import os, sys
+src, dst = sys.argv[1:]
+os.makedirs(dst)
+buf = bytearray(64 << 20)
+for name in sorted(os.listdir(src)):
+    with open(os.path.join(src, name), "rb", buffering=0) as f, open(os.path.join(dst, name), "wb", buffering=0) as g:
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            g.write(view[:n])
+"""
+
 PEFT_PIPELINE = """
 import sys, torch, transformers, peft
 base, adapter, out = sys.argv[1:]
@@ -33,19 +47,34 @@ model.save_pretrained(out, max_shard_size="600MB")
 """
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
+def run(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds until the command returns, seconds until its output is on disk (sync),
+    and its peak RSS (bytes)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
+    returned = time.perf_counter() - start
+    os.sync()
+    durable = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    return seconds, usage.ru_maxrss * 1024
+    return returned, durable, usage.ru_maxrss * 1024
+
+
+def prepare(inputs: list[Path], out: Path) -> None:
+    """The same start for every contender: no previous output, nothing left to write back, an
+    empty page cache where we may drop it (root), then the inputs read once (warm)."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass  # not root: the page cache stays as it is
+    for path in inputs:
+        warm(path)
 
 
 def warm(path: Path) -> None:
-    """Read every file once so all contenders start from the same (warm) page cache."""
     for p in path.rglob("*"):
         if p.is_file():
             with open(p, "rb") as fh:
@@ -63,51 +92,70 @@ def build(work: Path, layers: int) -> tuple[Path, Path, int, int]:
     return base, adapter, params, largest
 
 
-def median_run(cmd: list[str], out: Path, repeat: int) -> tuple[float, int]:
-    results = []
+def interleaved(contenders: dict[str, tuple[list[str], list[Path]]], out: Path, repeat: int) -> dict[str, tuple[float, float, int]]:
+    """Run the contenders in turn, `repeat` rounds, so that drifts of the machine (this VM's
+    write speed varies several-fold from minute to minute) hit all of them alike. Medians of
+    the times, maximum of the RSS."""
+    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in contenders}
     for _ in range(repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        results.append(run(cmd))
+        for name, (cmd, inputs) in contenders.items():
+            prepare(inputs, out)
+            results[name].append(run(cmd))
     shutil.rmtree(out, ignore_errors=True)
-    results.sort()
-    return results[len(results) // 2][0], max(r[1] for r in results)
+
+    def median(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    return {
+        name: (median([r[0] for r in rs]), median([r[1] for r in rs]), max(r[2] for r in rs))
+        for name, rs in results.items()
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--small-layers", type=int, default=11)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--skip-peft", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lt-bench-", dir=args.workdir))
+    out = work / "out"
     try:
         rows = []
         for layers in (args.small_layers, args.layers):
             base, adapter, params, largest = build(work, layers)
-            warm(base)
-            out = work / "out"
-            cp_s, _ = median_run(["cp", "-r", str(base), str(out)], out, args.repeat)
-            lt_s, lt_rss = median_run([LORATOOLS, "merge", str(base), str(adapter), str(out), "--quiet"], out, args.repeat)
-            rows.append((layers, params, largest, cp_s, lt_s, lt_rss))
-        layers, params, largest, cp_s, lt_s, lt_rss = rows[-1]
+            times = interleaved(
+                {
+                    "cp": (["cp", "-r", str(base), str(out)], [base]),
+                    "user": ([sys.executable, "-c", USER_SPACE_COPY, str(base), str(out)], [base]),
+                    "loratools": ([LORATOOLS, "merge", str(base), str(adapter), str(out), "--quiet"], [base, adapter]),
+                },
+                out,
+                args.repeat,
+            )
+            rows.append((layers, params, largest, times["cp"], times["loratools"], times["user"]))
+        layers, params, largest, cp, lt, user = rows[-1]
+        base, adapter = work / f"base-{layers}", work / f"adapter-{layers}"
         print(f"base: {params / 1e9:.2f}B params, bf16, 4 shards (largest {largest / 2**20:.0f} MiB); adapter r=16 on 7 projections")
-        print(f"  cp -r (I/O floor)        {cp_s:7.2f} s")
-        print(f"  loratools merge          {lt_s:7.2f} s   peak RSS {lt_rss / 2**20:6.0f} MiB")
+        print(f"{'':26}{'returns':>9}{'+ sync':>9}{'peak RSS':>12}")
+        print(f"  {'cp -r (I/O floor)':24}{cp[0]:8.2f}s{cp[1]:8.2f}s")
+        print(f"  {'user-space copy (floor)':24}{user[0]:8.2f}s{user[1]:8.2f}s")
+        print(f"  {'loratools merge':24}{lt[0]:8.2f}s{lt[1]:8.2f}s{lt[2] / 2**20:8.0f} MiB")
         if not args.skip_peft:
-            out = work / "out"
-            peft_s, peft_rss = median_run([sys.executable, "-c", PEFT_PIPELINE, str(work / f"base-{layers}"), str(work / f"adapter-{layers}"), str(out)], out, 1)
-            print(f"  PEFT pipeline            {peft_s:7.2f} s   peak RSS {peft_rss / 2**20:6.0f} MiB")
-        print("ratios:")
-        print(f"  loratools / cp           {lt_s / cp_s:5.2f}x   (target <= 2x)")
+            peft = interleaved({"peft": ([sys.executable, "-c", PEFT_PIPELINE, str(base), str(adapter), str(out)], [base, adapter])}, out, 1)["peft"]
+            print(f"  {'PEFT pipeline':24}{peft[0]:8.2f}s{peft[1]:8.2f}s{peft[2] / 2**20:8.0f} MiB")
+        print("ratios (returns / + sync):")
+        print(f"  loratools / cp           {lt[0] / cp[0]:5.2f}x / {lt[1] / cp[1]:5.2f}x   (target <= 2x)")
+        print(f"  loratools / user copy    {lt[0] / user[0]:5.2f}x / {lt[1] / user[1]:5.2f}x")
         if not args.skip_peft:
-            print(f"  PEFT / loratools         {peft_s / lt_s:5.1f}x   (target >= 5x)")
-        print(f"  peak RSS - largest shard {(lt_rss - largest) / 2**20:+6.0f} MiB (target <= +512 MiB)")
+            print(f"  PEFT / loratools         {peft[0] / lt[0]:5.1f}x / {peft[1] / lt[1]:5.1f}x   (target >= 5x)")
+        print(f"  peak RSS - largest shard {(lt[2] - largest) / 2**20:+6.0f} MiB (target <= +512 MiB)")
         print("peak RSS as the model grows (should stay flat):")
-        for layers, params, largest, cp_s, lt_s, lt_rss in rows:
-            print(f"  {params / 1e9:5.2f}B params, largest shard {largest / 2**20:5.0f} MiB: loratools {lt_rss / 2**20:6.0f} MiB, "
-                  f"{lt_s / cp_s:4.2f}x cp")
+        for layers, params, largest, cp, lt, user in rows:
+            print(f"  {params / 1e9:5.2f}B params, largest shard {largest / 2**20:5.0f} MiB: loratools {lt[2] / 2**20:6.0f} MiB, "
+                  f"{lt[0] / cp[0]:4.2f}x cp")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -337,7 +337,7 @@ def _apply(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: torch.Tenso
             out.copy_(w)
             return
         # Conv1D (in, out) and Embedding (num, dim) hold ΔW transposed: (B@A).T = A.T @ B.T
-        low_rank.append((b, a, s) if module.layout is Layout.LINEAR else (a.T, b.T, s))
+        low_rank.append((b, a, s) if module.layout is Layout.LINEAR else (a.T.contiguous(), b.T.contiguous(), s))
     if base.dim() == 1:  # a bias: lora_bias adds s·lora_B.bias
         w = base.to(device=dev, dtype=torch.float32)
         for module in ops.lora_biases:
@@ -352,10 +352,14 @@ def _apply(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: torch.Tenso
         return
     # CPU: row blocks, so the float32 working copy stays in cache and each byte of the base is
     # read and written once. Same arithmetic: W + s·L@R in float32, rounded once into `out`.
+    # The block is one reused buffer: a fresh allocation per block would be returned to the OS and
+    # page-faulted in again every time, which costs more than the arithmetic.
     rows_per_block = max(1, ROW_BLOCK_BYTES // (4 * base.shape[1]))
+    workspace = torch.empty((rows_per_block, base.shape[1]), dtype=torch.float32)
     for start in range(0, base.shape[0], rows_per_block):
         stop = min(start + rows_per_block, base.shape[0])
-        block = base[start:stop].to(torch.float32)
+        block = workspace[: stop - start]
+        block.copy_(base[start:stop])
         for left, right, s in low_rank:
             block.addmm_(left[start:stop], right, alpha=s)
         out[start:stop].copy_(block)
