@@ -13,7 +13,9 @@ from .hub import ADAPTER_PATTERNS, resolve
 def load_adapter(spec: str | os.PathLike) -> Adapter:
     """Open an adapter from a directory, a .safetensors/.bin file (config beside it) or a Hub repo
     id (`org/name[@revision]`). Reads the config and the header only; tensors load on demand."""
-    return read_adapter(resolve(spec, allow_patterns=ADAPTER_PATTERNS))
+    adapter = read_adapter(resolve(spec, allow_patterns=ADAPTER_PATTERNS))
+    adapter.source = os.fspath(spec)  # reports name what the user asked for (a repo id stays a repo id)
+    return adapter
 
 
 def save_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False) -> Path:

@@ -49,6 +49,7 @@ def test_repo_id_resolves_from_the_cache(hub_cache):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["architecture"] == "llama" and report["num_modules"] == 14
+    assert report["adapter"] == "loratools-test/tiny-adapter"
     assert f"snapshots/{MAIN}" in report["file"]["path"]
 
 

@@ -228,25 +228,24 @@ def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_shape_mismatch_fails_before_writing(tmp_path):
+def save_llama_variant(path, **overrides) -> None:
+    """The tiny LLaMA fixture's shape with some dimensions changed."""
     import transformers as tf
 
     torch.manual_seed(0)
-    wider = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2))
-    wider.save_pretrained(str(tmp_path / "wider"))
+    dims = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    tf.LlamaForCausalLM(tf.LlamaConfig(**(dims | overrides))).save_pretrained(str(path))
+
+
+def test_shape_mismatch_fails_before_writing(tmp_path):
+    save_llama_variant(tmp_path / "wider", hidden_size=32)
     result = run_cli("merge", tmp_path / "wider", ADAPTERS / "llama-basic", tmp_path / "out")
     assert_clean_error(result, "module model.layers.0.mlp.down_proj", "[16, 24]", "base has [32, 24]", code=1)
     assert not (tmp_path / "out").exists()
 
 
 def test_module_missing_from_base_is_an_error(tmp_path):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    shallow = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                                 num_attention_heads=4, num_key_value_heads=2))
-    shallow.save_pretrained(str(tmp_path / "shallow"))
+    save_llama_variant(tmp_path / "shallow", num_hidden_layers=1)
     result = run_cli("merge", tmp_path / "shallow", ADAPTERS / "llama-basic", tmp_path / "out")
     assert_clean_error(result, "model.layers.1", "no tensor", code=1)
     assert not (tmp_path / "out").exists()
