@@ -102,6 +102,61 @@ def merge(base, adapter, out, device, scale, dtype, force, quiet, as_json) -> No
             click.echo(f"not copied (weights in other formats): {', '.join(report.skipped_files)}", err=True)
 
 
+@main.command()
+@click.argument("adapter")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
+@click.option("--threshold", "thresholds", type=float, multiple=True, metavar="T",
+              help="Energy level for the energy rank (repeatable) [default: 0.9 and 0.99].")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw normalised spectra per role to this PNG (needs matplotlib).")
+@click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
+def svd(adapter, as_json, thresholds, plot, force) -> None:
+    """Effective rank of every module's ΔW = s·B·A, per module, role and layer.
+
+    Singular values come from QR of the factors and an r×r SVD: exact, and ΔW is never formed.
+    """
+    from .api import load_adapter
+    from .ops.svd import DEFAULT_THRESHOLDS, plot_spectra, render_svd, svd_report
+
+    for t in thresholds:
+        if not 0 < t <= 1:
+            raise click.BadParameter(f"{t} is not in (0, 1]", param_hint="--threshold")
+    report = svd_report(load_adapter(adapter), thresholds or DEFAULT_THRESHOLDS)
+    if plot:
+        plot_spectra(report, plot, force=force)
+    _print_json(report) if as_json else click.echo(render_svd(report))
+
+
+@main.command()
+@click.argument("adapter")
+@click.argument("out", type=click.Path())
+@click.option("--rank", type=int, help="Target rank K for every module.")
+@click.option("--energy", type=float, help="Smallest rank keeping this fraction T of each module's energy (Σσ²).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
+def resize(adapter, out, rank, energy, force, as_json) -> None:
+    """Shrink ADAPTER: each module becomes the best rank-K (or energy-T) approximation of its ΔW.
+
+    Written as a PEFT adapter; modules already at or below K are kept exactly.
+    """
+    from .api import load_adapter, save_adapter
+    from .ops.resize import resize_adapter, resize_report
+
+    if (rank is None) == (energy is None):
+        raise click.UsageError("give exactly one of --rank K or --energy T")
+    source = load_adapter(adapter)
+    resized, modules = resize_adapter(source, rank=rank, energy=energy)
+    save_adapter(resized, out, force=force)
+    report = resize_report(source, out, modules)
+    if as_json:
+        _print_json(report)
+    else:
+        s = report["summary"]
+        click.echo(
+            f"resized into {out}: {s['truncated']} of {s['modules']} modules truncated, LoRA parameters "
+            f"{s['lora_parameters_before']:,} -> {s['lora_parameters_after']:,}, lowest retained energy {s['min_retained_energy']:.4f}"
+        )
+
+
 class _progress_bar:
     """A byte-progress bar on stderr, shown only on a terminal; yields the callback (or None)."""
 

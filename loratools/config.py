@@ -161,3 +161,32 @@ def config_json(raw: dict[str, Any]) -> str:
     and sorting them could change which pattern applies to a module.
     """
     return json.dumps({key: raw[key] for key in sorted(raw)}, indent=2) + "\n"
+
+
+def exact_pattern(module_path: str) -> str:
+    """A rank/alpha pattern that matches exactly one module path (and nothing ending in it)."""
+    return "^" + re.escape(module_path)
+
+
+def with_module_ranks(raw: dict[str, Any], ranks: dict[str, tuple[int, float]], use_rslora: bool) -> dict[str, Any]:
+    """A copy of config `raw` whose per-module (rank, alpha) are exactly `ranks`.
+
+    The most common rank and alpha become the global r / lora_alpha; every module that differs
+    gets an anchored, escaped pattern of its own, so nothing depends on how the old patterns
+    happened to match. Other fields are kept as they were.
+    """
+    from collections import Counter
+
+    out = dict(raw)
+    if not ranks:
+        return out
+    r = Counter(rank for rank, _ in ranks.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in ranks.values()).most_common(1)[0][0]
+    out.update(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=use_rslora,
+        rank_pattern={exact_pattern(p): rank for p, (rank, _) in ranks.items() if rank != r},
+        alpha_pattern={exact_pattern(p): a for p, (_, a) in ranks.items() if a != alpha},
+    )
+    return out

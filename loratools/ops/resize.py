@@ -1,0 +1,82 @@
+"""`loratools resize`: the best rank-K (or energy-T) approximation of every module's ΔW."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter
+from ..config import AdapterConfig, with_module_ranks
+from ..errors import UsageError
+from ..formats.tensors import MemoryStore
+from .lowrank import factored_svd
+from .svd import energy_rank
+
+
+@dataclass
+class ResizedModule:
+    name: str
+    old_rank: int
+    new_rank: int
+    retained_energy: float  # Σ kept σ² / Σ σ², 1.0 when kept exactly
+
+
+def resize_adapter(adapter: Adapter, rank: int | None = None, energy: float | None = None) -> tuple[Adapter, list[ResizedModule]]:
+    """Each module becomes the truncated SVD of its ΔW = s·B·A at rank K (or the smallest rank
+    reaching energy T). Modules already at or below the target keep their tensors bit for bit.
+
+    A truncated module is written as balanced factors B' = U·√S, A' = √S·Vh with scaling 1
+    (alpha = k, or √k under rsLoRA), its (rank, alpha) pinned by an exact pattern; the DoRA
+    magnitude, lora_B.bias and extra tensors are kept as they are.
+    """
+    if (rank is None) == (energy is None):
+        raise UsageError("give exactly one of --rank K or --energy T")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    use_rslora = adapter.config.use_rslora
+    tensors = adapter.state_dict()
+    ranks: dict[str, tuple[int, float]] = {}
+    report = []
+    for path, module in adapter.modules.items():
+        a, b = adapter.factors(path)
+        svd = factored_svd(b, a, module.scaling, vectors=True)
+        sigma = [float(x) for x in svd.s]
+        k = rank if rank is not None else max(1, energy_rank(sigma, energy))
+        if k >= module.rank:
+            ranks[path] = (module.rank, module.alpha)
+            report.append(ResizedModule(path, module.rank, module.rank, 1.0))
+            continue
+        root = svd.s[:k].sqrt()
+        new_b = (svd.u[:, :k] * root).to(b.dtype).contiguous()
+        new_a = (root.unsqueeze(1) * svd.vh[:k]).to(a.dtype).contiguous()
+        tensors[module.b_key], tensors[module.a_key] = new_b, new_a
+        ranks[path] = (k, float(k) ** 0.5 if use_rslora else k)  # scaling alpha/r (or alpha/√r) = 1
+        total = sum(x * x for x in sigma)
+        kept = sum(x * x for x in sigma[:k])
+        report.append(ResizedModule(path, module.rank, k, kept / total if total > 0 else 1.0))
+    raw = with_module_ranks(adapter.config.raw, ranks, use_rslora)
+    resized = Adapter(AdapterConfig.from_dict(raw), MemoryStore(tensors), source=adapter.source)
+    return resized, report
+
+
+def resize_report(adapter: Adapter, out: str, modules: list[ResizedModule]) -> dict[str, Any]:
+    params_before = sum(adapter.modules[m.name].num_lora_params for m in modules)
+    params_after = sum(
+        m.new_rank * (adapter.modules[m.name].in_features + adapter.modules[m.name].out_features) for m in modules
+    )
+    return {
+        "adapter": adapter.source,
+        "out": out,
+        "modules": [m.__dict__ for m in modules],
+        "summary": {
+            "modules": len(modules),
+            "truncated": sum(m.new_rank < m.old_rank for m in modules),
+            "lora_parameters_before": params_before,
+            "lora_parameters_after": params_after,
+            "min_retained_energy": min((m.retained_energy for m in modules), default=1.0),
+        },
+    }
