@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from .arch import Detection, Layout, Role, detect_from_paths, locate
 from .config import AdapterConfig
-from .errors import ConfigError, FormatError, ShapeError, UnsupportedError
+from .errors import ConfigError, FormatError, LoraToolsError, ShapeError, UnsupportedError
 from .formats.tensors import MemoryStore, TensorStore
 
 if TYPE_CHECKING:
@@ -71,8 +71,18 @@ class Extra:
 
 class Adapter:
     def __init__(
-        self, config: AdapterConfig, tensors: TensorStore, source: str | None = None, weights_path: str | None = None
+        self,
+        config: AdapterConfig,
+        tensors: TensorStore,
+        source: str | None = None,
+        weights_path: str | None = None,
+        collect_problems: bool = False,
     ):
+        """collect_problems=False (the default): the first structural problem raises.
+        True: problems are recorded in `self.problems` (with the module concerned) and the
+        offending module is left out — how `validate` sees every problem at once."""
+        self._collect = collect_problems
+        self.problems: list[tuple[str | None, LoraToolsError]] = []
         self.config = config
         self.tensors = tensors
         self.source = source  # what the user named (a path or repo id), for messages and reports
@@ -108,13 +118,15 @@ class Adapter:
         self.detection = detect_from_paths(lora_paths, self.config.base_model_class, extra_paths)
         for path, ps in parts.items():
             if _factor_parts(ps):
-                self.modules[path] = self._build_module(path, ps)
+                module = self._build_module(path, ps)
+                if module is not None:
+                    self.modules[path] = module
             for part, kind, suffix in (("base_layer.bias", "base_bias", "bias"), ("base_layer.weight", "full_embedding", "weight")):
                 if part in ps:
                     self.extras.append(Extra(ps[part], kind, f"{path}.{suffix}"))
             if not _factor_parts(ps) and not set(ps) <= {"base_layer.bias", "base_layer.weight"}:
                 stray = ", ".join(sorted(ps))
-                raise ShapeError(f"module {path}: has {stray} but no LoRA factors (lora_A/lora_B)")
+                self._problem(path, ShapeError(f"module {path}: has {stray} but no LoRA factors (lora_A/lora_B)", code="stray-tensor"))
         for key in plain:
             target = key[len(PREFIX) :]
             module = target.rsplit(".", 1)[0]
@@ -124,36 +136,55 @@ class Adapter:
                 self.extras.append(Extra(key, "bias", target))
             else:
                 self.unknown_keys.append(key)
+        if self.config.lora_bias and self.modules and not any(m.lora_bias_key for m in self.modules.values()):
+            self._problem(None, ConfigError(
+                "adapter_config.json sets lora_bias but the weights have no lora_B.bias", code="lora-bias-mismatch"
+            ))
         if self.config.use_dora and self.modules and not any(m.magnitude_key for m in self.modules.values()):
-            raise ConfigError("adapter_config.json says use_dora but the weights have no lora_magnitude_vector")
+            self._problem(None, ConfigError(
+                "adapter_config.json says use_dora but the weights have no lora_magnitude_vector", code="dora-mismatch"
+            ))
 
-    def _build_module(self, path: str, ps: dict[str, str]) -> LoraModule:
+    def _problem(self, module: str | None, error: LoraToolsError) -> None:
+        if not self._collect:
+            raise error
+        self.problems.append((module, error))
+
+    def _build_module(self, path: str, ps: dict[str, str]) -> LoraModule | None:
+        """The module, or None after reporting why it cannot be one (collect mode)."""
         embedding = "lora_embedding_A" in ps or "lora_embedding_B" in ps
         a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         if embedding and ("lora_A.weight" in ps or "lora_B.weight" in ps):
-            raise ShapeError(f"module {path}: has both lora_A/lora_B and lora_embedding_A/B")
+            return self._problem(path, ShapeError(f"module {path}: has both lora_A/lora_B and lora_embedding_A/B", code="mixed-factors"))
         for have, missing in ((a_part, b_part), (b_part, a_part)):
             if have in ps and missing not in ps:
-                raise ShapeError(f"module {path}: {have} has no matching {missing}")
+                return self._problem(path, ShapeError(f"module {path}: {have} has no matching {missing}", code="orphan-factor"))
         a, b = self.tensors.meta(ps[a_part]), self.tensors.meta(ps[b_part])
         for part, meta in ((a_part, a), (b_part, b)):
             if meta.dtype not in FLOAT_DTYPES:
-                raise FormatError(f"module {path}: {part} has dtype {meta.dtype}; LoRA factors must be floating point")
+                return self._problem(path, FormatError(
+                    f"module {path}: {part} has dtype {meta.dtype}; LoRA factors must be floating point", code="non-float-factor"
+                ))
             if len(meta.shape) == 4:
-                raise UnsupportedError(f"module {path}: {part} is 4-D (Conv2d LoRA), which loratools does not handle")
+                return self._problem(path, UnsupportedError(
+                    f"module {path}: {part} is 4-D (Conv2d LoRA), which loratools does not handle", code="conv2d-factor"
+                ))
             if len(meta.shape) != 2 or 0 in meta.shape:
-                raise ShapeError(
+                return self._problem(path, ShapeError(
                     f"module {path}: {part} has shape {list(meta.shape)}, expected 2-D; a 1-D or empty factor "
-                    "means ZeRO-3/FSDP shards were saved without being gathered"
-                )
+                    "means ZeRO-3/FSDP shards were saved without being gathered",
+                    code="unsharded-factor",
+                ))
         if a.shape[0] != b.shape[1]:
-            raise ShapeError(f"module {path}: {a_part} {list(a.shape)} and {b_part} {list(b.shape)} disagree on the rank")
+            return self._problem(path, ShapeError(
+                f"module {path}: {a_part} {list(a.shape)} and {b_part} {list(b.shape)} disagree on the rank", code="factor-rank"
+            ))
         rank = self.config.rank_for(path)
         if a.shape[0] != rank:
             source = "rank_pattern" if rank != self.config.r else "r"
-            raise ShapeError(
-                f"module {path}: tensors have rank {a.shape[0]} but the config gives r={rank} (from {source})"
-            )
+            return self._problem(path, ShapeError(
+                f"module {path}: tensors have rank {a.shape[0]} but the config gives r={rank} (from {source})", code="rank-mismatch"
+            ))
         alpha = self.config.alpha_for(path)
         ref = locate(self.detection.architecture, self.detection.prefix, path) if self.detection.known else None
         if embedding:
@@ -183,9 +214,18 @@ class Adapter:
         for key, what in ((module.magnitude_key, "lora_magnitude_vector"), (module.lora_bias_key, "lora_B.bias")):
             if key is not None and self.tensors.meta(key).shape != (module.out_features,):
                 shape = list(self.tensors.meta(key).shape)
-                raise ShapeError(f"module {path}: {what} has shape {shape}, expected [{module.out_features}]")
+                return self._problem(path, ShapeError(
+                    f"module {path}: {what} has shape {shape}, expected [{module.out_features}]", code="vector-shape"
+                ))
+        if module.lora_bias_key and not self.config.lora_bias:
+            return self._problem(path, ConfigError(
+                f"module {path}: has lora_B.bias but the config does not set lora_bias (PEFT would ignore it)",
+                code="lora-bias-mismatch",
+            ))
         if module.magnitude_key and not self.config.use_dora:
-            raise ConfigError(f"module {path}: has a DoRA lora_magnitude_vector but the config does not set use_dora")
+            return self._problem(path, ConfigError(
+                f"module {path}: has a DoRA lora_magnitude_vector but the config does not set use_dora", code="dora-mismatch"
+            ))
         return module
 
     # ---- tensors ---------------------------------------------------------------------------

@@ -157,6 +157,26 @@ def resize(adapter, out, rank, energy, force, as_json) -> None:
         )
 
 
+@main.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--base", help="Also check against this base checkpoint (headers only).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
+@click.option("--strict", is_flag=True, help="Warnings fail too.")
+def validate(adapters, base, as_json, strict) -> None:
+    """Check adapter files without loading a model. Exit 0: valid; 1: problems; 2: usage error.
+
+    ADAPTERS are adapter directories or files in them (each directory is checked once), so
+    pre-commit can pass changed files. Every problem is reported, each with a stable code.
+    """
+    from .hub import BASE_IGNORE_PATTERNS, resolve
+    from .ops.validate import render, report, validate_many
+
+    base_path = resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS) if base else None
+    results = validate_many(adapters, base_path)
+    _print_json(report(results, strict)) if as_json else click.echo(render(results, strict))
+    sys.exit(0 if all(r.ok(strict) for r in results) else 1)
+
+
 class _progress_bar:
     """A byte-progress bar on stderr, shown only on a terminal; yields the callback (or None)."""
 

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 
 class LoraToolsError(Exception):
-    """Base class: the CLI prints `Error: <message>` and exits with `exit_code`."""
+    """Base class: the CLI prints `Error: <message>` and exits with `exit_code`.
+
+    `code` is a short stable identifier of the problem (`validate` reports it); subclasses set a
+    default and raise sites may give a more precise one.
+    """
 
     exit_code = 1
+    code = "error"
+
+    def __init__(self, message: str = "", *, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class UsageError(LoraToolsError, ValueError):
     """An option value the library cannot act on (exit code 2, like click's usage errors)."""
+
+    code = "usage"
 
     exit_code = 2
 
@@ -23,26 +35,40 @@ class UsageError(LoraToolsError, ValueError):
 class InputNotFoundError(LoraToolsError, FileNotFoundError):
     """A path, file or Hub repo that should exist does not."""
 
+    code = "not-found"
+
 
 class FormatError(LoraToolsError, ValueError):
     """A file exists but is not what it claims to be (truncated, bad header, bad pickle...)."""
+
+    code = "format"
 
 
 class ConfigError(LoraToolsError, ValueError):
     """adapter_config.json (or a base config.json) is missing a field or has an invalid value."""
 
+    code = "config"
+
 
 class ShapeError(LoraToolsError, ValueError):
     """Tensor shapes disagree with each other, with the config, or with the base model."""
+
+    code = "shape"
 
 
 class UnsupportedError(LoraToolsError, NotImplementedError):
     """Valid input that loratools does not handle (another PEFT method, an unknown architecture...)."""
 
+    code = "unsupported"
+
 
 class OutputExistsError(LoraToolsError, FileExistsError):
     """The output path exists and --force was not given."""
 
+    code = "output-exists"
+
 
 class HubError(LoraToolsError, OSError):
     """A Hub repo id could not be resolved to local files."""
+
+    code = "hub"

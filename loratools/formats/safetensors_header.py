@@ -74,11 +74,12 @@ def read_header(path: str | os.PathLike) -> Header:
         with open(path, "rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:
-                raise FormatError(f"{name}: file is {file_size} bytes, too short to be safetensors")
+                raise FormatError(f"{name}: file is {file_size} bytes, too short to be safetensors", code="st-too-short")
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES or n + 8 > file_size:
                 raise FormatError(
-                    f"{name}: header length {n} does not fit in a {file_size}-byte file (truncated or not safetensors)"
+                    f"{name}: header length {n} does not fit in a {file_size}-byte file (truncated or not safetensors)",
+                    code="st-header-length",
                 )
             raw = fh.read(n)
     except FileNotFoundError:
@@ -93,12 +94,12 @@ def parse_header(raw: bytes, file_size: int, *, name: str, path: str = "") -> He
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FormatError(f"{name}: header is not valid JSON") from None
+        raise FormatError(f"{name}: header is not valid JSON", code="st-header-json") from None
     if not isinstance(obj, dict):
-        raise FormatError(f"{name}: header is not a JSON object")
+        raise FormatError(f"{name}: header is not a JSON object", code="st-header-json")
     metadata = obj.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise FormatError(f"{name}: __metadata__ must map strings to strings")
+        raise FormatError(f"{name}: __metadata__ must map strings to strings", code="st-metadata")
     data_start = 8 + len(raw)
     data_len = file_size - data_start
     tensors: dict[str, TensorInfo] = {}
@@ -108,38 +109,39 @@ def parse_header(raw: bytes, file_size: int, *, name: str, path: str = "") -> He
     ordered = sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end))
     for (prev_key, prev), (key, info) in zip(ordered, ordered[1:]):
         if info.start < prev.end and info.end > info.start:
-            raise FormatError(f"{name}: tensor {key!r} overlaps tensor {prev_key!r} in the data buffer")
+            raise FormatError(f"{name}: tensor {key!r} overlaps tensor {prev_key!r} in the data buffer", code="st-overlap")
     position = 0
     for key, info in ordered:
         if info.start != position:
-            raise FormatError(f"{name}: tensor {key!r} leaves a gap before it (offset {info.start}, expected {position})")
+            raise FormatError(f"{name}: tensor {key!r} leaves a gap before it (offset {info.start}, expected {position})", code="st-offsets")
         position = info.end
     if position != data_len:
         if position > data_len:
-            raise FormatError(f"{name}: truncated: tensors need {position} data bytes, file has {data_len}")
-        raise FormatError(f"{name}: {data_len - position} trailing bytes after the last tensor")
+            raise FormatError(f"{name}: truncated: tensors need {position} data bytes, file has {data_len}", code="st-truncated")
+        raise FormatError(f"{name}: {data_len - position} trailing bytes after the last tensor", code="st-trailing-bytes")
     return Header(path=path, tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
 
 
 def _check_entry(name: str, key: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise FormatError(f"{name}: header entry {key!r} is not an object")
+        raise FormatError(f"{name}: header entry {key!r} is not an object", code="st-header-json")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise FormatError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}")
+        raise FormatError(f"{name}: tensor {key!r} has unknown dtype {dtype!r}", code="st-dtype")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise FormatError(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
+        raise FormatError(f"{name}: tensor {key!r} has an invalid shape {shape!r}", code="st-shape")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise FormatError(f"{name}: tensor {key!r} has invalid data_offsets {offsets!r}")
+        raise FormatError(f"{name}: tensor {key!r} has invalid data_offsets {offsets!r}", code="st-offsets")
     info = TensorInfo(dtype=dtype, shape=tuple(shape), start=offsets[0], end=offsets[1])
     expected = info.numel * DTYPES[dtype][0]
     if info.end - info.start != expected:
         raise FormatError(
-            f"{name}: tensor {key!r} spans {info.end - info.start} bytes but {dtype}{list(shape)} needs {expected}"
+            f"{name}: tensor {key!r} spans {info.end - info.start} bytes but {dtype}{list(shape)} needs {expected}",
+            code="st-offsets",
         )
     return info

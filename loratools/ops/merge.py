@@ -20,12 +20,13 @@ from typing import Callable
 import torch
 
 from ..adapter import Adapter, LoraModule
-from ..arch import ARCHITECTURES, Layout, Role, detect_from_config
+from ..arch import Layout, Role, detect_from_config
 from ..errors import ConfigError, ShapeError, UnsupportedError, UsageError
 from ..formats.atomic import atomic_dir, atomic_file
 from ..formats.checkpoint import INDEX_NAME, Checkpoint
 from ..formats.safetensors_header import DTYPES, FLOAT_DTYPES
 from ..formats.safetensors_writer import StreamingSafetensorsWriter
+from .basemap import BaseNameMapper
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -66,7 +67,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
             raise UnsupportedError(f"--scale other than 1 cannot scale tensors that replace base tensors ({kinds})")
     if not adapter.modules and not adapter.extras:
         raise ShapeError("the adapter has no LoRA modules and no extra tensors: nothing to merge")
-    mapper = _NameMapper(base, adapter)
+    mapper = BaseNameMapper(base, adapter)
     ops: dict[str, TensorOps] = {}
     for extra in adapter.extras:
         name = mapper.find(extra.target, f"{extra.kind} tensor {extra.key}")
@@ -91,43 +92,6 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
                 raise ShapeError(f"module {module.path}: lora_bias=True but the base layer has no bias (PEFT cannot merge it either)")
             ops.setdefault(bias, TensorOps()).lora_biases.append(module)
     return MergePlan(base, adapter, ops, scale, DTYPE_CODES[dtype] if dtype else None)
-
-
-class _NameMapper:
-    """Find the base tensor for a name from the adapter. Checkpoints are saved with or without
-    the backbone prefix (GPT-2's Hub checkpoint has `h.0...`, GPT2LMHeadModel's modules are
-    `transformer.h.0...`), so the prefix is added or dropped when that is what matches."""
-
-    def __init__(self, base: Checkpoint, adapter: Adapter):
-        self.base = base
-        arch = adapter.architecture or (detect_from_config(base.config).architecture if base.config else None)
-        archs = [ARCHITECTURES[arch]] if arch else list(ARCHITECTURES.values())
-        self.arch = ARCHITECTURES.get(arch) if arch else None
-        self.prefixes = sorted({h.prefix for a in archs for h in a.heads if h.prefix}, key=len, reverse=True)
-
-    def candidates(self, name: str) -> list[str]:
-        out = [name]
-        for prefix in self.prefixes:
-            out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
-        return out
-
-    def find(self, name: str, what: str, required: bool = True, lm_head: bool = False) -> str | None:
-        for candidate in self.candidates(name):
-            if candidate in self.base:
-                return candidate
-        if lm_head and self.arch is not None and self._tied():
-            # A tied lm_head is stored once, as the token embedding; PEFT's merge changes the
-            # shared tensor, so that is the tensor to change.
-            embed = self.arch.template(Role.TOKEN_EMBED)
-            for prefix in ("", *self.prefixes):
-                if f"{prefix}{embed.path}.weight" in self.base:
-                    return f"{prefix}{embed.path}.weight"
-        if required:
-            raise ShapeError(f"{what}: no tensor {name} in the base checkpoint (wrong base model?)")
-        return None
-
-    def _tied(self) -> bool:
-        return bool((self.base.config or {}).get("tie_word_embeddings", True))
 
 
 def _check_architectures(base: Checkpoint, adapter: Adapter) -> None:

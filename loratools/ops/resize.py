@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from ..adapter import Adapter
 from ..config import AdapterConfig, with_module_ranks

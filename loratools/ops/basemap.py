@@ -1,0 +1,45 @@
+"""Where an adapter's module lands in a base checkpoint (shared by merge and validate; no torch)."""
+
+from __future__ import annotations
+
+from ..adapter import Adapter
+from ..arch import ARCHITECTURES, Role, detect_from_config
+from ..errors import ShapeError
+from ..formats.checkpoint import Checkpoint
+
+
+class BaseNameMapper:
+    """Find the base tensor for a name from the adapter. Checkpoints are saved with or without
+    the backbone prefix (GPT-2's Hub checkpoint has `h.0...`, GPT2LMHeadModel's modules are
+    `transformer.h.0...`), so the prefix is added or dropped when that is what matches."""
+
+    def __init__(self, base: Checkpoint, adapter: Adapter):
+        self.base = base
+        arch = adapter.architecture or (detect_from_config(base.config).architecture if base.config else None)
+        archs = [ARCHITECTURES[arch]] if arch else list(ARCHITECTURES.values())
+        self.arch = ARCHITECTURES.get(arch) if arch else None
+        self.prefixes = sorted({h.prefix for a in archs for h in a.heads if h.prefix}, key=len, reverse=True)
+
+    def candidates(self, name: str) -> list[str]:
+        out = [name]
+        for prefix in self.prefixes:
+            out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
+        return out
+
+    def find(self, name: str, what: str, required: bool = True, lm_head: bool = False) -> str | None:
+        for candidate in self.candidates(name):
+            if candidate in self.base:
+                return candidate
+        if lm_head and self.arch is not None and self.tied():
+            # A tied lm_head is stored once, as the token embedding; PEFT's merge changes the
+            # shared tensor, so that is the tensor to change.
+            embed = self.arch.template(Role.TOKEN_EMBED)
+            for prefix in ("", *self.prefixes):
+                if f"{prefix}{embed.path}.weight" in self.base:
+                    return f"{prefix}{embed.path}.weight"
+        if required:
+            raise ShapeError(f"{what}: no tensor {name} in the base checkpoint (wrong base model?)", code="base-missing-module")
+        return None
+
+    def tied(self) -> bool:
+        return bool((self.base.config or {}).get("tie_word_embeddings", True))

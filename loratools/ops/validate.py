@@ -1,0 +1,333 @@
+"""`loratools validate`: lint adapter files without loading a model; report every problem found.
+
+Every check yields a Finding with a stable code, a severity and, where it applies, the module.
+Nothing here raises for a broken adapter: problems are findings. The codes are listed (with how
+to fix each) in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..adapter import PREFIX, Adapter
+from ..arch import Layout
+from ..config import CONFIG_NAME, AdapterConfig, _is_number, _is_positive_int, pattern_value
+from ..errors import LoraToolsError
+from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME
+from ..formats.tensors import SafetensorsStore, TensorStore, load_pickled_tensors
+
+ERROR, WARNING = "error", "warning"
+
+# Fields of PEFT's LoraConfig (0.21) and PeftConfig, plus keys older PEFT versions wrote.
+KNOWN_CONFIG_KEYS = frozenset(
+    """alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path bias corda_config
+    ensure_weight_tying eva_config exclude_modules fan_in_fan_out inference_mode init_lora_weights kasa_config
+    layer_replication layers_pattern layers_to_transform loftq_config lora_alpha lora_bias lora_dropout lora_ga_config
+    megatron_config megatron_core modules_to_save monteclora_config peft_type peft_version qalora_group_size r
+    rank_pattern revision runtime_config target_modules target_parameters task_type trainable_token_indices use_bdlora
+    use_dora use_qalora use_rslora velora_config enable_lora merge_weights use_original_init""".split()
+)
+
+# `.lora_A.default.weight`: a key saved from the live model's state_dict, adapter name included.
+_ADAPTER_NAME_IN_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.[^.]+(\.weight|\.bias)?$")
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str  # "error" | "warning"
+    module: str | None
+    message: str
+
+
+@dataclass
+class Result:
+    adapter: str
+    findings: list[Finding]
+
+    @property
+    def errors(self) -> int:
+        return sum(f.severity == ERROR for f in self.findings)
+
+    @property
+    def warnings(self) -> int:
+        return sum(f.severity == WARNING for f in self.findings)
+
+    def ok(self, strict: bool = False) -> bool:
+        return self.errors == 0 and (not strict or self.warnings == 0)
+
+
+def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None) -> Result:
+    """Every check on one adapter (a directory, or a file of it: its directory is checked)."""
+    findings: list[Finding] = []
+    add = lambda code, severity, message, module=None: findings.append(Finding(code, severity, module, message))  # noqa: E731
+    path = Path(adapter_path)
+    root = path if path.is_dir() else path.parent
+    if not path.exists():
+        add("not-found", ERROR, f"{adapter_path}: no such adapter directory or file")
+        return Result(str(adapter_path), findings)
+
+    raw = _check_config_file(root / CONFIG_NAME, add)
+    store = _open_weights(root, add)
+    if raw is None or store is None:
+        return Result(str(adapter_path), findings)
+    config = _check_config_fields(raw, add)
+    if config is None:
+        return Result(str(adapter_path), findings)
+
+    adapter = Adapter(config, store, source=str(adapter_path), collect_problems=True)
+    for module, problem in adapter.problems:
+        add(problem.code, ERROR, str(problem), module)
+    _check_keys(adapter, add)
+    _check_config_against_weights(adapter, add)
+    _check_values(adapter, add)
+    if base is not None:
+        _check_against_base(adapter, base, add)
+    return Result(str(adapter_path), findings)
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+
+def _check_config_file(path: Path, add) -> dict | None:
+    if not path.is_file():
+        add("config-missing", ERROR, f"no {CONFIG_NAME}: PEFT cannot load the adapter without it; save it with the weights")
+        return None
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        add("config-json", ERROR, f"{CONFIG_NAME} is not valid JSON ({exc}); fix or re-save it")
+        return None
+    if not isinstance(raw, dict):
+        add("config-json", ERROR, f"{CONFIG_NAME} must be a JSON object, not {type(raw).__name__}")
+        return None
+    return raw
+
+
+def _open_weights(root: Path, add) -> TensorStore | None:
+    if (root / SAFETENSORS_NAME).is_file():
+        try:
+            return SafetensorsStore(root / SAFETENSORS_NAME)
+        except LoraToolsError as exc:
+            add(exc.code, ERROR, f"{exc}; the file is damaged: re-save or re-download it")
+            return None
+    if (root / BIN_NAME).is_file():
+        add("pickle-weights", WARNING, f"{BIN_NAME} is a pickle; read with weights_only=True. Re-save as safetensors")
+        try:
+            return load_pickled_tensors(root / BIN_NAME)
+        except LoraToolsError as exc:
+            add("pickle-refused", ERROR, str(exc))
+            return None
+    add("weights-missing", ERROR, f"no {SAFETENSORS_NAME} (or {BIN_NAME}) beside {CONFIG_NAME}")
+    return None
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+
+def _check_config_fields(raw: dict, add) -> AdapterConfig | None:
+    """Field-by-field checks; returns the parsed config when ranks can be resolved at all."""
+    fatal = False
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        add("config-peft-type", ERROR, f"peft_type is {peft_type!r}; expected \"LORA\" (loratools checks LoRA adapters)")
+        fatal = True
+    if not _is_positive_int(raw.get("r", 8)):
+        add("config-r", ERROR, f"r must be a positive integer, got {raw.get('r')!r}")
+        fatal = True
+    if not _is_number(raw.get("lora_alpha", 8)):
+        add("config-alpha", ERROR, f"lora_alpha must be a number, got {raw.get('lora_alpha')!r}")
+        fatal = True
+    targets = raw.get("target_modules")
+    if targets in (None, [], "") and not raw.get("target_parameters"):
+        add("config-target-modules", ERROR, "target_modules is empty: PEFT would adapt nothing; list the modules trained")
+    for name, valid, what in (("rank_pattern", _is_positive_int, "a positive integer"), ("alpha_pattern", _is_number, "a number")):
+        patterns = raw.get(name) or {}
+        if not isinstance(patterns, dict):
+            add("config-pattern", ERROR, f"{name} must be an object mapping regexes to values")
+            fatal = True
+            continue
+        for key, value in patterns.items():
+            if not valid(value):
+                add("config-pattern", ERROR, f"{name}[{key!r}] must be {what}, got {value!r}")
+                fatal = True
+            try:
+                re.compile(key)
+            except re.error as exc:
+                add("config-pattern", ERROR, f"{name} key {key!r} is not a valid regex ({exc})")
+                fatal = True
+    for key in sorted(set(raw) - KNOWN_CONFIG_KEYS):
+        add("config-unknown-key", WARNING, f"unknown config key {key!r} (a typo, or a newer PEFT?); PEFT may reject it")
+    if fatal:
+        return None
+    try:
+        return AdapterConfig.from_dict(raw)
+    except LoraToolsError as exc:
+        add(exc.code if exc.code != "config" else "config-field", ERROR, str(exc))
+        return None
+
+
+def _check_config_against_weights(adapter: Adapter, add) -> None:
+    cfg = adapter.config
+    paths = list(adapter.modules)
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(cfg, name):
+            if not any(pattern_value({key: 1}, p, None) is not None for p in paths):
+                add("pattern-unused", WARNING, f"{name} key {key!r} matches no module of the adapter; remove or fix it")
+    arch = adapter.architecture
+    conv1d = any(m.layout is Layout.CONV1D for m in adapter.modules.values())
+    if conv1d and not cfg.fan_in_fan_out:
+        add("fan-in-fan-out", WARNING, "the adapter targets GPT-2 Conv1D layers but fan_in_fan_out is false; PEFT forces it to true, set it")
+    if cfg.fan_in_fan_out and arch in ("llama", "bert") and not conv1d:
+        add("fan-in-fan-out", WARNING, f"fan_in_fan_out is true but {arch} has no Conv1D layers; PEFT resets it, set it to false")
+
+
+# ---- tensors --------------------------------------------------------------------------------
+
+
+def _check_keys(adapter: Adapter, add) -> None:
+    for key in adapter.unknown_keys:
+        if not key.startswith(PREFIX):
+            add("key-prefix", ERROR, f"key {key!r} lacks the {PREFIX!r} prefix: PEFT silently ignores it and the adapter does nothing there")
+        elif _ADAPTER_NAME_IN_KEY.search(key):
+            add("key-adapter-name", WARNING, f"key {key!r} still contains an adapter name; save with save_pretrained (or get_peft_model_state_dict)")
+        else:
+            add("unknown-tensor", ERROR, f"tensor {key!r} is neither a LoRA part nor a known extra (modules_to_save, bias); remove it")
+
+
+def _check_values(adapter: Adapter, add) -> None:
+    """NaN/Inf anywhere, all-zero lora_B. Safetensors data is checked on its raw bits with numpy
+    (no torch import, no dtype conversion); a legacy pickle is already in memory as tensors."""
+    values = _raw_values(adapter.tensors) if isinstance(adapter.tensors, SafetensorsStore) else _torch_values(adapter.tensors)
+    for path, module in adapter.modules.items():
+        for key in (k for k in (module.a_key, module.b_key, module.magnitude_key, module.lora_bias_key) if k):
+            finite, nonzero = values(key)
+            if not finite:
+                add("non-finite", ERROR, f"{key} contains NaN or Inf: training diverged or the file is corrupt", path)
+            elif key == module.b_key and not nonzero:
+                add("zero-lora-b", WARNING, f"lora_B of {path} is all zeros: this module is untrained (ΔW = 0)", path)
+    for extra in adapter.extras:
+        meta = adapter.tensors.meta(extra.key)
+        if meta.dtype not in ("float16", "bfloat16", "float32", "float64"):
+            add("non-float-tensor", ERROR, f"{extra.key} has dtype {meta.dtype}; expected floating point", extra.target)
+        elif not values(extra.key)[0]:
+            add("non-finite", ERROR, f"{extra.key} contains NaN or Inf", extra.target)
+
+
+# Float formats as bit fields: (unsigned view, exponent mask). A value is NaN/Inf when its exponent
+# bits are all ones, and ±0 when every bit but the sign is zero.
+_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF0000000000000)}
+
+
+def _raw_values(store: SafetensorsStore):
+    import numpy as np
+
+    data = np.memmap(store.path, dtype=np.uint8, mode="r", offset=store.header.data_start) if store.header.tensors else None
+
+    def check(key: str) -> tuple[bool, bool]:
+        info = store.header.tensors[key]
+        if info.dtype not in _BITS or info.end == info.start:
+            return True, info.end != info.start
+        unsigned, exponent = _BITS[info.dtype]
+        bits = data[info.start : info.end].view(unsigned)
+        exp_mask = np.array(exponent, dtype=unsigned)
+        finite = not np.any((bits & exp_mask) == exp_mask)
+        nonzero = bool(np.any(bits << np.array(1, dtype=unsigned)))  # drop the sign bit: -0 is zero too
+        return finite, nonzero
+
+    return check
+
+
+def _torch_values(store: TensorStore):
+    import torch
+
+    def check(key: str) -> tuple[bool, bool]:
+        tensor = store.get(key)
+        if not tensor.is_floating_point():
+            return True, bool(tensor.any())
+        return bool(torch.isfinite(tensor).all()), bool(tensor.any())
+
+    return check
+
+
+def _check_against_base(adapter: Adapter, base: Checkpoint, add) -> None:
+    from ..arch import detect_from_config
+    from .basemap import BaseNameMapper
+
+    base_arch = detect_from_config(base.config).architecture if base.config else None
+    if base_arch and adapter.architecture and base_arch != adapter.architecture:
+        add("base-architecture", ERROR, f"the adapter is for {adapter.architecture} but the base is {base_arch}")
+        return
+    mapper = BaseNameMapper(base, adapter)
+    for path, module in adapter.modules.items():
+        try:
+            name = mapper.find(f"{path}.weight", f"module {path}", lm_head=module.role is not None and module.role.value == "lm_head")
+        except LoraToolsError as exc:
+            add("base-missing-module", ERROR, str(exc), path)
+            continue
+        have = tuple(base.info(name).shape)
+        if have != module.weight_shape:
+            code = "base-vocab-size" if module.layout is Layout.EMBEDDING else "base-shape"
+            add(code, ERROR, f"{path}: the adapter needs {name} of shape {list(module.weight_shape)}, the base has {list(have)}", path)
+    for extra in adapter.extras:
+        name = mapper.find(extra.target, extra.kind, required=False)
+        if name is None:
+            add("base-missing-module", ERROR, f"{extra.kind} tensor {extra.key}: no {extra.target} in the base", extra.target)
+        elif tuple(base.info(name).shape) != adapter.tensors.meta(extra.key).shape:
+            want, have = list(adapter.tensors.meta(extra.key).shape), list(base.info(name).shape)
+            add("base-shape", ERROR, f"{extra.kind} tensor {extra.key} has shape {want}, the base's {name} is {have}", extra.target)
+
+
+# ---- many adapters --------------------------------------------------------------------------
+
+
+def adapter_dirs(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """The adapters named by paths: a file stands for its directory; each directory once."""
+    seen: dict[str, None] = {}
+    for p in paths:
+        path = Path(p)
+        key = str(path.parent if path.is_file() else path)
+        seen.setdefault(key, None)
+    return list(seen)
+
+
+def validate_many(paths: Iterable[str | os.PathLike], base: str | os.PathLike | None = None) -> list[Result]:
+    checkpoint = open_checkpoint(base) if base is not None else None
+    return [validate(p, checkpoint) for p in adapter_dirs(paths)]
+
+
+def report(results: list[Result], strict: bool = False) -> dict[str, Any]:
+    """The `validate --json` document (schema in the README)."""
+    return {
+        "results": [
+            {"adapter": r.adapter, "ok": r.ok(strict), "findings": [asdict(f) for f in r.findings]} for r in results
+        ],
+        "summary": {
+            "adapters": len(results),
+            "ok": sum(r.ok(strict) for r in results),
+            "failed": sum(not r.ok(strict) for r in results),
+            "errors": sum(r.errors for r in results),
+            "warnings": sum(r.warnings for r in results),
+            "strict": strict,
+        },
+    }
+
+
+def render(results: list[Result], strict: bool = False) -> str:
+    lines = []
+    for r in results:
+        status = "ok" if r.ok(strict) else "FAIL"
+        counts = f"{r.errors} error(s), {r.warnings} warning(s)"
+        lines.append(f"{status:<5}{r.adapter}: {counts}")
+        for severity in (ERROR, WARNING):
+            for f in (f for f in r.findings if f.severity == severity):
+                lines.append(f"  {severity:<8}{f.code:<22}{f.message}")
+    ok = sum(r.ok(strict) for r in results)
+    lines.append(f"{ok} of {len(results)} adapter(s) valid{' (strict: warnings fail)' if strict else ''}")
+    return "\n".join(lines)
