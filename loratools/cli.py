@@ -177,6 +177,44 @@ def validate(adapters, base, as_json, strict) -> None:
     sys.exit(0 if all(r.ok(strict) for r in results) else 1)
 
 
+ARCH_CHOICES = click.Choice(["llama", "gpt2", "bert"])
+
+
+@main.command()
+@click.argument("adapter")
+@click.argument("out", type=click.Path())
+@click.option("--from", "source", type=ARCH_CHOICES, help="Source naming scheme [default: detected].")
+@click.option("--to", "target", type=ARCH_CHOICES, default="llama", show_default=True, help="Target naming scheme.")
+@click.option("--prefix", "head", help="Target head class family, e.g. causal-lm, base, sequence-classification [default: the target's first].")
+@click.option("--drop-unmapped", is_flag=True, help="Drop modules with no counterpart instead of failing.")
+@click.option("--base-model", help="base_model_name_or_path for the new config [default: cleared].")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
+def convert(adapter, out, source, target, head, drop_unmapped, base_model, force, as_json) -> None:
+    """Rewrite ADAPTER for another module naming scheme; every role's ΔW stays exactly the same.
+
+    GPT-2's fused c_attn is split into q/k/v (rows of B) or joined from them (A stacked, B
+    block-diagonal: the ranks add up). Modules with no counterpart are an error unless
+    --drop-unmapped.
+    """
+    from .api import load_adapter, save_adapter
+    from .ops.convert import convert_adapter
+
+    converted, report = convert_adapter(
+        load_adapter(adapter), to=target, source=source, head=head, drop_unmapped=drop_unmapped, base_model=base_model
+    )
+    save_adapter(converted, out, force=force)
+    if as_json:
+        _print_json({"adapter": adapter, "out": out, **report.__dict__})
+    else:
+        click.echo(
+            f"converted {report.source_architecture} -> {report.target_architecture} ({report.head}) into {out}: "
+            f"{len(report.modules)} modules"
+        )
+        if report.dropped:
+            click.echo(f"dropped (no counterpart): {', '.join(report.dropped)}")
+
+
 class _progress_bar:
     """A byte-progress bar on stderr, shown only on a terminal; yields the callback (or None)."""
 

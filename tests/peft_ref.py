@@ -10,19 +10,21 @@ import torch
 from tests.tiny_models import build_base
 
 
-def peft_model(base: str, adapter_dir: str | Path):
-    """PeftModel.from_pretrained on a fresh tiny base; fails on any missing or unexpected key."""
+def peft_model(base, adapter_dir: str | Path):
+    """PeftModel.from_pretrained on a fresh tiny base (a family name, or a function building the
+    model); fails on any missing or unexpected key."""
     from peft import PeftModel
 
+    build = (lambda: build_base(base)) if isinstance(base, str) else base
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(build_base(base), str(adapter_dir))
+        model = PeftModel.from_pretrained(build(), str(adapter_dir))
     bad = [str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
     assert not bad, bad
     # The same load, step by step, to see the incompatible keys PEFT itself computes.
     from peft import PeftConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
 
-    fresh = get_peft_model(build_base(base), PeftConfig.from_pretrained(str(adapter_dir)))
+    fresh = get_peft_model(build(), PeftConfig.from_pretrained(str(adapter_dir)))
     result = set_peft_model_state_dict(fresh, load_peft_weights(str(adapter_dir)))
     adapter_missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
     assert adapter_missing == [] and list(result.unexpected_keys) == [], result

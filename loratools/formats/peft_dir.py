@@ -48,8 +48,23 @@ def write_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False)
     from safetensors.torch import save_file
 
     # Load everything before creating anything, so a read error leaves no output behind.
-    tensors = {key: t.contiguous() for key, t in adapter.state_dict().items()}
+    tensors = _own_storage(adapter.state_dict())
     with atomic_dir(out, force=force) as tmp:
         (tmp / CONFIG_NAME).write_text(config_json(adapter.config.raw))
         save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
     return Path(out)
+
+
+def _own_storage(tensors: dict) -> dict:
+    """Contiguous tensors that each own their memory: safetensors refuses tensors that share
+    storage (views made by slicing or reusing one factor for several modules)."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        storage = t.untyped_storage()
+        if not t.is_contiguous() or storage.nbytes() != t.nbytes or storage.data_ptr() in seen:
+            t = t.contiguous().clone()
+            storage = t.untyped_storage()
+        seen.add(storage.data_ptr())
+        out[key] = t
+    return out
