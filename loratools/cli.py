@@ -215,6 +215,57 @@ def convert(adapter, out, source, target, head, drop_unmapped, base_model, force
             click.echo(f"dropped (no counterpart): {', '.join(report.dropped)}")
 
 
+def _parse_weights(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@main.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(), help="Output adapter directory.")
+@click.option("--method", type=click.Choice(["cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),
+              default="cat", show_default=True, help="How to combine (see the description above).")
+@click.option("--weights", callback=_parse_weights, help="Comma-separated weights, one per adapter (negative allowed) [default: 1 each].")
+@click.option("--rank", type=int, help="svd: target rank K [default: the largest input rank].")
+@click.option("--energy", type=float, help="svd: smallest rank keeping this fraction of the energy.")
+@click.option("--density", type=float, help="ties, dare_*, magnitude_prune: fraction of values kept.")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True, help="ties, dare_ties.")
+@click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the random masks.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
+def combine(adapters, out, method, weights, rank, energy, density, majority_sign, seed, force, as_json) -> None:
+    """Combine several adapters for the same base architecture into one PEFT adapter.
+
+    \b
+    Exact:
+      cat    exactly Σ wᵢ·ΔWᵢ; the ranks add up.
+      svd    the best rank-K approximation of Σ wᵢ·ΔWᵢ, from the stacked factors.
+    As PEFT's add_weighted_adapter (A and B combined separately, so `linear` is NOT
+    Σ wᵢ·ΔWᵢ: it has cross terms; use cat or svd for the sum):
+      linear, ties, dare_linear, dare_ties, magnitude_prune   (equal ranks needed)
+
+    A module missing from an input counts as zero there. The output has scaling 1 everywhere.
+    """
+    from .api import load_adapter, save_adapter
+    from .ops.combine import combine_adapters, combine_report
+
+    loaded = [load_adapter(a) for a in adapters]
+    combined, report = combine_adapters(
+        loaded, method=method, weights=weights, rank=rank, energy=energy, density=density,
+        majority_sign=majority_sign, seed=seed,
+    )
+    save_adapter(combined, out, force=force)
+    if as_json:
+        _print_json(combine_report(report, adapters, out))
+    else:
+        ranks = sorted({m["rank"] for m in report.modules.values()})
+        click.echo(f"combined {len(adapters)} adapters ({method}) into {out}: {len(report.modules)} modules, rank(s) {ranks}")
+
+
 class _progress_bar:
     """A byte-progress bar on stderr, shown only on a terminal; yields the callback (or None)."""
 

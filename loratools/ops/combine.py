@@ -1,0 +1,250 @@
+"""`loratools combine`: several adapters (same base architecture) into one PEFT adapter.
+
+Exact methods work on ΔW = s·B·A as a low-rank product:
+- cat: Σ wᵢ·ΔWᵢ exactly, by stacking the factors (the ranks add up);
+- svd: the best rank-K approximation of that sum, from the stacked factors (QR + a small SVD).
+PEFT's methods (linear, ties, dare_linear, dare_ties, magnitude_prune) combine A and B
+separately, each input weighted by ±√|wᵢ·sᵢ|, exactly as `add_weighted_adapter` does; so
+`linear` is not Σ wᵢ·ΔWᵢ (cross terms), and all of them need equal ranks.
+Every output module has scaling 1 (lora_alpha = r, no rsLoRA), so the result never depends on
+quirks of the inputs' configs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..adapter import PREFIX, Adapter
+from ..config import AdapterConfig, with_module_ranks
+from ..errors import ShapeError, UnsupportedError, UsageError
+from ..formats.tensors import MemoryStore
+from .lowrank import factored_svd
+from .svd import energy_rank
+
+EXACT = ("cat", "svd")
+PEFT_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+METHODS = EXACT + PEFT_METHODS
+
+MaskFn = Callable[[torch.Tensor, float], torch.Tensor]  # (tensor, density) -> 0/1 mask like tensor
+
+
+@dataclass
+class CombineReport:
+    method: str
+    weights: list[float]
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {"rank", "inputs"}
+    carried: list[str] = field(default_factory=list)  # extra tensors copied from one input
+
+
+def combine_adapters(
+    adapters: Sequence[Adapter],
+    method: str = "cat",
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    seed: int = 0,
+    mask_fn: MaskFn | None = None,
+) -> tuple[Adapter, CombineReport]:
+    """One adapter from several. A module missing from an input counts as zero there.
+    `mask_fn` replaces DARE's seeded Bernoulli masks (for tests and experiments)."""
+    weights = _check_inputs(adapters, method, weights, rank, energy, density, majority_sign)
+    generator = torch.Generator().manual_seed(seed)
+    mask_fn = mask_fn or (lambda t, d: torch.bernoulli(torch.full(t.shape, d, dtype=torch.float32), generator=generator))
+    by_path: dict[str, list[tuple[Adapter, float]]] = defaultdict(list)
+    for adapter, weight in zip(adapters, weights):
+        for path in adapter.modules:
+            by_path[path].append((adapter, weight))
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, tuple[int, float]] = {}
+    report = CombineReport(method, list(weights))
+    for path in sorted(by_path):
+        inputs = by_path[path]
+        first = inputs[0][0].modules[path]
+        _check_shapes(path, inputs)
+        if method == "cat":
+            a, b = _cat(path, inputs)
+        elif method == "svd":
+            a, b = _svd(path, inputs, rank, energy)
+        else:
+            a, b = _peft_style(path, inputs, method, density, majority_sign, mask_fn)
+        dtype = first_dtype(inputs, path)
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if first.embedding else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PREFIX}{path}.{a_name}"] = a.to(dtype).contiguous()
+        tensors[f"{PREFIX}{path}.{b_name}"] = b.to(dtype).contiguous()
+        ranks[path] = (a.shape[0], a.shape[0])  # alpha = r: scaling 1
+        report.modules[path] = {"rank": a.shape[0], "inputs": len(inputs)}
+    for adapter, weight in zip(adapters, weights):
+        for extra in adapter.extras:
+            tensors[extra.key] = adapter.tensor(extra.key)
+            report.carried.append(extra.key)
+    raw = _output_config(adapters)
+    raw = with_module_ranks(raw, ranks, use_rslora=False)
+    return Adapter(AdapterConfig.from_dict(raw), MemoryStore(tensors)), report
+
+
+def first_dtype(inputs, path) -> torch.dtype:
+    return inputs[0][0].tensors.get(inputs[0][0].modules[path].a_key).dtype
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+
+def _check_inputs(adapters, method, weights, rank, energy, density, majority_sign) -> list[float]:
+    if not adapters:
+        raise UsageError("give at least one adapter")
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise UsageError(f"{len(weights)} weights for {len(adapters)} adapters")
+    if (rank is not None or energy is not None) and method != "svd":
+        raise UsageError("--rank and --energy apply to --method svd only")
+    if rank is not None and energy is not None:
+        raise UsageError("give --rank or --energy, not both")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    needs_density = method in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+    if needs_density and density is None:
+        raise UsageError(f"--method {method} needs --density D (the fraction of values kept, in [0, 1])")
+    if density is not None and not (needs_density and 0 <= density <= 1):
+        raise UsageError("--density is a fraction in [0, 1] and applies to ties, dare_*, magnitude_prune only")
+    if majority_sign not in ("total", "frequency"):
+        raise UsageError(f"--majority-sign must be total or frequency, got {majority_sign!r}")
+    archs = {a.architecture for a in adapters}
+    if len(archs) > 1:
+        names = ", ".join(f"{a.source}: {a.architecture or 'unknown'}" for a in adapters)
+        raise ShapeError(f"the adapters are for different architectures ({names})")
+    for adapter in adapters:
+        if any(m.magnitude_key for m in adapter.modules.values()):
+            raise UnsupportedError(f"{adapter.source}: DoRA adapters cannot be combined exactly (PEFT drops the magnitudes silently)")
+        if any(m.lora_bias_key for m in adapter.modules.values()):
+            raise UnsupportedError(f"{adapter.source}: lora_bias adapters cannot be combined exactly (PEFT drops the biases silently)")
+    owners: dict[str, str] = {}
+    for adapter, weight in zip(adapters, weights):
+        for extra in adapter.extras:
+            if extra.target in owners:
+                raise ShapeError(f"{extra.target} is replaced by both {owners[extra.target]} and {adapter.source} "
+                                 f"({extra.kind}): they cannot be combined")
+            if weight != 1.0:
+                raise UnsupportedError(f"{adapter.source}: its {extra.kind} tensor {extra.target} replaces a base tensor and "
+                                       f"cannot be weighted by {weight}")
+            owners[extra.target] = str(adapter.source)
+    return weights
+
+
+def _check_shapes(path: str, inputs) -> None:
+    shapes = {(a.modules[path].embedding, a.modules[path].in_features, a.modules[path].out_features) for a, _ in inputs}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{a.source}: in={a.modules[path].in_features} out={a.modules[path].out_features}" for a, _ in inputs)
+        raise ShapeError(f"module {path}: incompatible shapes across adapters ({detail})")
+
+
+# ---- methods --------------------------------------------------------------------------------
+
+
+def _stacked(path: str, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_stack (Σr, in) and B_stack (out, Σr) with B_stack @ A_stack = Σ wᵢ·sᵢ·Bᵢ@Aᵢ (float32).
+    wᵢ·sᵢ goes into A, as PEFT's cat does."""
+    a_parts, b_parts = [], []
+    for adapter, weight in inputs:
+        module = adapter.modules[path]
+        a, b = adapter.factors(path)
+        a_parts.append(a.float() * (weight * module.scaling))
+        b_parts.append(b.float())
+    return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+
+
+def _cat(path, inputs):
+    return _stacked(path, inputs)
+
+
+def _svd(path, inputs, rank, energy):
+    a, b = _stacked(path, inputs)
+    svd = factored_svd(b, a, 1.0, vectors=True)
+    if energy is not None:
+        k = max(1, energy_rank([float(x) for x in svd.s], energy))
+    else:
+        k = rank if rank is not None else max(adapter.modules[path].rank for adapter, _ in inputs)
+    k = min(k, svd.s.shape[0])
+    root = svd.s[:k].sqrt()
+    return root.unsqueeze(1) * svd.vh[:k], svd.u[:, :k] * root
+
+
+def _peft_style(path, inputs, method, density, majority_sign, mask_fn):
+    ranks = {adapter.modules[path].rank for adapter, _ in inputs}
+    if len(ranks) > 1:
+        raise ShapeError(f"module {path}: --method {method} needs equal ranks, got {sorted(ranks)}; use cat or svd")
+    a_list, b_list, wa, wb = [], [], [], []
+    for adapter, weight in inputs:
+        a, b = adapter.factors(path)
+        ws = weight * adapter.modules[path].scaling
+        sign = 1.0 if ws >= 0 else -1.0  # the sign goes on A only, or it would cancel
+        wa.append(math.sqrt(abs(ws)) * sign)
+        wb.append(math.sqrt(abs(ws)))
+        a_list.append(a.float())
+        b_list.append(b.float())
+    combine = lambda ts, ws: _task_merge(ts, torch.tensor(ws), method, density, majority_sign, mask_fn)  # noqa: E731
+    return combine(a_list, wa), combine(b_list, wb)
+
+
+def _task_merge(tensors, weights, method, density, majority_sign, mask_fn) -> torch.Tensor:
+    """PEFT's task-arithmetic family on a list of same-shaped tensors."""
+    if method in ("ties", "magnitude_prune"):
+        tensors = [_magnitude_prune(t, density) for t in tensors]
+    elif method in ("dare_linear", "dare_ties"):
+        tensors = [t if density >= 1 else t * mask_fn(t, density) / density for t in tensors]
+    stacked = torch.stack(tensors)
+    weighted = stacked * weights.view(-1, *([1] * (stacked.dim() - 1)))
+    if method in ("ties", "dare_ties"):
+        signs = stacked.sign()
+        magnitude = stacked.sum(0) if majority_sign == "total" else signs.sum(0)
+        majority = signs == torch.where(magnitude >= 0, 1.0, -1.0)
+        return (weighted * majority).sum(0) / majority.sum(0).clamp(min=1)
+    return weighted.sum(0)
+
+
+def _magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
+    if density >= 1:
+        return t
+    k = int(density * t.numel())
+    mask = torch.zeros(t.numel(), dtype=t.dtype)
+    mask[torch.topk(t.abs().reshape(-1), k=k).indices] = 1
+    return t * mask.view(t.shape)
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+
+def _output_config(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    raw = dict(adapters[0].config.raw)
+    targets = [a.config.target_modules for a in adapters]
+    if all(isinstance(t, list) for t in targets):
+        union = sorted({name for t in targets for name in t})
+    elif all(isinstance(t, str) for t in targets):
+        union = "|".join(f"({t})" for t in targets)
+    else:  # a mix of names and regexes: name the modules themselves
+        union = sorted({p for a in adapters for p in a.modules})
+    to_save = sorted({name for a in adapters for name in a.config.modules_to_save})
+    raw.update(
+        target_modules=union,
+        modules_to_save=to_save or None,
+        use_dora=False,
+        lora_bias=False,
+        use_rslora=False,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
+    return raw
+
+
+def combine_report(report: CombineReport, sources: Sequence[str], out: str) -> dict[str, Any]:
+    return {"adapters": list(sources), "out": out, **report.__dict__}
