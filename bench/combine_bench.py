@@ -12,22 +12,15 @@ output says. The same modules are compared for equal ΔW.
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import loratools
+from common import LORATOOLS, make_7b_adapter, scratch
 from loratools.ops.combine import combine_adapters
 
-SYNTHETIC = str(Path(__file__).resolve().with_name("synthetic.py"))
-LORATOOLS = str(Path(sys.executable).with_name("loratools"))
-SHAPE_7B = ["--hidden", "4096", "--intermediate", "11008", "--heads", "32", "--kv-heads", "32", "--layers", "32"]
 
 
 def peft_svd_one_module(adapters, path: str) -> tuple[float, torch.Tensor]:
@@ -52,14 +45,8 @@ def peft_svd_one_module(adapters, path: str) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path)
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lt-combine-", dir=args.workdir))
-    try:
-        paths = [work / "a", work / "b"]
-        for seed, path in enumerate(paths, start=1):
-            subprocess.run([sys.executable, SYNTHETIC, "--adapter", str(path), "--r", "64", "--seed", str(seed), *SHAPE_7B], check=True)
+    with scratch(__doc__.splitlines()[0], "lt-combine-") as work:
+        paths = [make_7b_adapter(work / name, 64, seed) for seed, name in enumerate("ab", start=1)]
         adapters = [loratools.load_adapter(p) for p in paths]
         start = time.perf_counter()
         combined, _ = combine_adapters(adapters, method="svd", rank=64)
@@ -85,8 +72,6 @@ def main() -> None:
         print(f"  max |ΔW ours - ΔW PEFT| / max |ΔW| on the sampled modules: {worst:.2e}")
         print("ratio:")
         print(f"  PEFT / loratools   {peft_total / ours_s:7.0f}x   (target >= 50x)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

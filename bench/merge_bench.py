@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SYNTHETIC = str(Path(__file__).resolve().with_name("synthetic.py"))
-LORATOOLS = str(Path(sys.executable).with_name("loratools"))
+from common import LORATOOLS, SYNTHETIC  # noqa: E402  (stdlib only: this process must stay small)
 
 # The floor for tensors that must be computed: bytes read into and written from user space.
 # (cp -r copies in the kernel, which on some machines is several times faster.)

@@ -11,12 +11,8 @@ so in the output).
 
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,10 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 import loratools
+from common import LORATOOLS, make_7b_adapter, scratch
 from loratools.ops.svd import svd_report
 
-SYNTHETIC = str(Path(__file__).resolve().with_name("synthetic.py"))
-SHAPE_7B = ["--hidden", "4096", "--intermediate", "11008", "--heads", "32", "--kv-heads", "32", "--layers", "32"]
 
 
 def drop_page_cache() -> bool:
@@ -52,13 +47,8 @@ def timed(fn, repeat: int = 3, cold: bool = False) -> tuple[float, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path)
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lt-svd-", dir=args.workdir))
-    try:
-        path = work / "adapter"
-        subprocess.run([sys.executable, SYNTHETIC, "--adapter", str(path), "--r", "64", *SHAPE_7B], check=True)
+    with scratch(__doc__.splitlines()[0], "lt-svd-") as work:
+        path = make_7b_adapter(work / "adapter", 64)
         weights = path / "adapter_model.safetensors"
         # "Loading the tensors" = every byte in memory as a tensor (load_file alone only maps the file).
         load_s, _ = timed(lambda: {k: v.clone() for k, v in load_file(str(weights)).items()})
@@ -77,7 +67,7 @@ def main() -> None:
             dense_total += seconds * len(paths)
             print(f"  dense SVD of one {shape[0]}x{shape[1]} ΔW: {seconds:6.2f} s  (x{len(paths)} modules)")
         start = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).with_name("loratools")), "svd", "--json", str(path)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([LORATOOLS, "svd", "--json", str(path)], check=True, stdout=subprocess.DEVNULL)
         cli_s = time.perf_counter() - start
         size = weights.stat().st_size
         print(f"adapter: {len(adapter.modules)} modules, r=64, bf16, {size / 2**20:.0f} MiB")
@@ -94,8 +84,6 @@ def main() -> None:
             print(f"  loratools / load    {cold_ours_s / cold_load_s:8.2f}x   (cold page cache)")
         print(f"  loratools / read    {ours_s / read_s:8.2f}x")
         assert len(report["modules"]) == 224
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
