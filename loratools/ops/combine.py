@@ -74,7 +74,7 @@ def combine_adapters(
             a, b = _svd(path, inputs, rank, energy)
         else:
             a, b = _peft_style(path, inputs, method, density, majority_sign, mask_fn)
-        dtype = first_dtype(inputs, path)
+        dtype = _factor_dtype(inputs[0][0], path)
         a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if first.embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PREFIX}{path}.{a_name}"] = a.to(dtype).contiguous()
         tensors[f"{PREFIX}{path}.{b_name}"] = b.to(dtype).contiguous()
@@ -89,8 +89,9 @@ def combine_adapters(
     return Adapter(AdapterConfig.from_dict(raw), MemoryStore(tensors)), report
 
 
-def first_dtype(inputs, path) -> torch.dtype:
-    return inputs[0][0].tensors.get(inputs[0][0].modules[path].a_key).dtype
+def _factor_dtype(adapter: Adapter, path: str) -> torch.dtype:
+    """The output keeps the (first) input's factor dtype; read from the header, not the data."""
+    return getattr(torch, adapter.tensors.meta(adapter.modules[path].a_key).dtype)
 
 
 # ---- checks ---------------------------------------------------------------------------------
