@@ -18,11 +18,11 @@ from .errors import ConfigError, InputNotFoundError, UnsupportedError
 CONFIG_NAME = "adapter_config.json"
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _is_positive_int(x: Any) -> bool:
+def is_positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
@@ -67,13 +67,13 @@ class AdapterConfig:
         if peft_type != "LORA":
             raise UnsupportedError(f"{source}: peft_type is {peft_type!r}; loratools handles LoRA adapters only")
         r = raw.get("r", 8)  # PEFT's defaults for fields a config omits
-        if not _is_positive_int(r):
+        if not is_positive_int(r):
             raise ConfigError(f"{source}: r must be a positive integer, got {r!r}")
         alpha = raw.get("lora_alpha", 8)
-        if not _is_number(alpha):
+        if not is_number(alpha):
             raise ConfigError(f"{source}: lora_alpha must be a number, got {alpha!r}")
-        rank_pattern = _pattern(raw, "rank_pattern", _is_positive_int, "a positive integer", source)
-        alpha_pattern = _pattern(raw, "alpha_pattern", _is_number, "a number", source)
+        rank_pattern = _pattern(raw, "rank_pattern", is_positive_int, "a positive integer", source)
+        alpha_pattern = _pattern(raw, "alpha_pattern", is_number, "a number", source)
         flags = {}
         for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
             value = raw.get(name) or False

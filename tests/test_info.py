@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ADAPTER_BASE, ADAPTERS, LORATOOLS, run_cli
+from tests.conftest import ADAPTERS, LORATOOLS, run_cli
 
 TOP_LEVEL_KEYS = {
     "schema_version", "adapter", "architecture", "architecture_note", "head", "peft_type", "base_model_name_or_path",

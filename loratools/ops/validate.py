@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from ..adapter import PREFIX, Adapter
 from ..arch import Layout
-from ..config import CONFIG_NAME, AdapterConfig, _is_number, _is_positive_int, pattern_value
+from ..config import CONFIG_NAME, AdapterConfig, is_number, is_positive_int, pattern_value
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME
@@ -138,16 +138,16 @@ def _check_config_fields(raw: dict, add) -> AdapterConfig | None:
     if peft_type != "LORA":
         add("config-peft-type", ERROR, f"peft_type is {peft_type!r}; expected \"LORA\" (loratools checks LoRA adapters)")
         fatal = True
-    if not _is_positive_int(raw.get("r", 8)):
+    if not is_positive_int(raw.get("r", 8)):
         add("config-r", ERROR, f"r must be a positive integer, got {raw.get('r')!r}")
         fatal = True
-    if not _is_number(raw.get("lora_alpha", 8)):
+    if not is_number(raw.get("lora_alpha", 8)):
         add("config-alpha", ERROR, f"lora_alpha must be a number, got {raw.get('lora_alpha')!r}")
         fatal = True
     targets = raw.get("target_modules")
     if targets in (None, [], "") and not raw.get("target_parameters"):
         add("config-target-modules", ERROR, "target_modules is empty: PEFT would adapt nothing; list the modules trained")
-    for name, valid, what in (("rank_pattern", _is_positive_int, "a positive integer"), ("alpha_pattern", _is_number, "a number")):
+    for name, valid, what in (("rank_pattern", is_positive_int, "a positive integer"), ("alpha_pattern", is_number, "a number")):
         patterns = raw.get(name) or {}
         if not isinstance(patterns, dict):
             add("config-pattern", ERROR, f"{name} must be an object mapping regexes to values")
