@@ -306,3 +306,29 @@ def test_base_from_the_hub_cache(tmp_path):
     assert not any(p.is_symlink() for p in out.iterdir())  # real files, not links into the cache
     reference = peft_merged_state_dict("llama", BASES / "llama-sharded", ADAPTERS / "llama-basic")
     assert_matches_peft(merged_tensors(out), reference)
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """With stderr on a terminal, merge draws a progress bar there (and still prints its summary)."""
+    import os
+    import pty
+    import subprocess
+
+    from tests.conftest import LORATOOLS
+
+    master, slave = pty.openpty()
+    proc = subprocess.run([LORATOOLS, "merge", BASES / "llama-sharded", ADAPTERS / "llama-basic", tmp_path / "out"],
+                          stdout=subprocess.PIPE, stderr=slave, timeout=120)
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    assert proc.returncode == 0 and proc.stdout.startswith(b"merged into")
+    assert b"merging" in drawn and b"100%" in drawn
