@@ -94,10 +94,13 @@ class Adapter:
         self._parse()
 
     @classmethod
-    def from_tensors(cls, config: AdapterConfig | dict, tensors: Mapping[str, "torch.Tensor"]) -> "Adapter":
+    def from_tensors(
+        cls, config: AdapterConfig | dict, tensors: Mapping[str, "torch.Tensor"], source: str | None = None
+    ) -> "Adapter":
+        """An adapter held in memory: a config (dict or parsed) and its tensors under PEFT keys."""
         if isinstance(config, dict):
             config = AdapterConfig.from_dict(config)
-        return cls(config, MemoryStore(tensors))
+        return cls(config, MemoryStore(tensors), source=source)
 
     # ---- structure -------------------------------------------------------------------------
 

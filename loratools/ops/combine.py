@@ -20,9 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..adapter import PREFIX, Adapter
-from ..config import AdapterConfig, with_module_ranks
+from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
-from ..formats.tensors import MemoryStore
 from .lowrank import factored_svd
 from .svd import energy_rank
 
@@ -86,7 +85,7 @@ def combine_adapters(
             report.carried.append(extra.key)
     raw = _output_config(adapters)
     raw = with_module_ranks(raw, ranks, use_rslora=False)
-    return Adapter(AdapterConfig.from_dict(raw), MemoryStore(tensors)), report
+    return Adapter.from_tensors(raw, tensors), report
 
 
 def _factor_dtype(adapter: Adapter, path: str) -> torch.dtype:

@@ -16,7 +16,7 @@ import torch
 
 from ..adapter import PREFIX, Adapter
 from ..arch import Architecture, Layout, Role, get_architecture, locate
-from ..config import AdapterConfig, with_module_ranks
+from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
 
 # Roles that exist across families and can be carried over.
@@ -95,13 +95,7 @@ def convert_adapter(
         raise UnsupportedError("nothing left to convert: every module was unmapped")
     raw = _target_config(adapter, dst, list(ranks), base_model)
     raw = with_module_ranks(raw, ranks, adapter.config.use_rslora)
-    return Adapter(AdapterConfig.from_dict(raw), _memory(tensors), source=adapter.source), report
-
-
-def _memory(tensors):
-    from ..formats.tensors import MemoryStore
-
-    return MemoryStore(tensors)
+    return Adapter.from_tensors(raw, tensors, source=adapter.source), report
 
 
 def _source_prefix(adapter: Adapter, src: Architecture) -> str:

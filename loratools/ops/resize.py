@@ -7,9 +7,8 @@ from typing import Any
 
 
 from ..adapter import Adapter
-from ..config import AdapterConfig, with_module_ranks
+from ..config import with_module_ranks
 from ..errors import UsageError
-from ..formats.tensors import MemoryStore
 from .lowrank import factored_svd
 from .svd import energy_rank
 
@@ -58,7 +57,7 @@ def resize_adapter(adapter: Adapter, rank: int | None = None, energy: float | No
         kept = sum(x * x for x in sigma[:k])
         report.append(ResizedModule(path, module.rank, k, kept / total if total > 0 else 1.0))
     raw = with_module_ranks(adapter.config.raw, ranks, use_rslora)
-    resized = Adapter(AdapterConfig.from_dict(raw), MemoryStore(tensors), source=adapter.source)
+    resized = Adapter.from_tensors(raw, tensors, source=adapter.source)
     return resized, report
 
 
