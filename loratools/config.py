@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError, InputNotFoundError, UnsupportedError
+from .errors import ConfigError, InputNotFoundError, LoraToolsError, UnsupportedError
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -59,50 +59,23 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = CONFIG_NAME) -> "AdapterConfig":
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-        peft_type = raw.get("peft_type")
-        if peft_type is None:
-            raise ConfigError(f"{source}: no peft_type (PEFT cannot load it either); add \"peft_type\": \"LORA\"")
-        if peft_type != "LORA":
-            raise UnsupportedError(f"{source}: peft_type is {peft_type!r}; loratools handles LoRA adapters only")
-        r = raw.get("r", 8)  # PEFT's defaults for fields a config omits
-        if not is_positive_int(r):
-            raise ConfigError(f"{source}: r must be a positive integer, got {r!r}")
-        alpha = raw.get("lora_alpha", 8)
-        if not is_number(alpha):
-            raise ConfigError(f"{source}: lora_alpha must be a number, got {alpha!r}")
-        rank_pattern = _pattern(raw, "rank_pattern", is_positive_int, "a positive integer", source)
-        alpha_pattern = _pattern(raw, "alpha_pattern", is_number, "a number", source)
-        flags = {}
-        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
-            value = raw.get(name) or False
-            if not isinstance(value, bool):
-                raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
-            flags[name] = value
-        bias = raw.get("bias") or "none"
-        if bias not in ("none", "all", "lora_only"):
-            raise ConfigError(f"{source}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
-        targets = raw.get("target_modules")
-        if targets is not None and not isinstance(targets, str):
-            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise ConfigError(f"{source}: target_modules must be a list of names or a regex string")
-        to_save = raw.get("modules_to_save") or []
-        if not isinstance(to_save, list) or not all(isinstance(t, str) for t in to_save):
-            raise ConfigError(f"{source}: modules_to_save must be a list of module names")
+        """The parsed config; raises the first of config_problems() if there is any."""
+        problems = config_problems(raw, source)
+        if problems:
+            raise problems[0]
         auto = raw.get("auto_mapping")
         return cls(
             raw=raw,
-            r=r,
-            lora_alpha=alpha,
-            rank_pattern=rank_pattern,
-            alpha_pattern=alpha_pattern,
-            bias=bias,
-            target_modules=targets,
-            modules_to_save=to_save,
+            r=raw.get("r", 8),  # PEFT's defaults for fields a config omits
+            lora_alpha=raw.get("lora_alpha", 8),
+            rank_pattern=dict(raw.get("rank_pattern") or {}),
+            alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            bias=raw.get("bias") or "none",
+            target_modules=raw.get("target_modules"),
+            modules_to_save=raw.get("modules_to_save") or [],
             base_model_name_or_path=raw.get("base_model_name_or_path"),
             base_model_class=auto.get("base_model_class") if isinstance(auto, dict) else None,
-            **flags,
+            **{name: raw.get(name) or False for name in FLAGS},
         )
 
     def rank_for(self, module_path: str) -> int:
@@ -124,18 +97,54 @@ def scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _pattern(raw: dict, name: str, valid, what: str, source: str) -> dict:
-    patterns = raw.get(name) or {}
-    if not isinstance(patterns, dict):
-        raise ConfigError(f"{source}: {name} must be an object mapping patterns to values")
-    for key, value in patterns.items():
-        if not valid(value):
-            raise ConfigError(f"{source}: {name}[{key!r}] must be {what}, got {value!r}")
-        try:
-            re.compile(key)
-        except re.error as exc:
-            raise ConfigError(f"{source}: {name} key {key!r} is not a valid regex ({exc})") from None
-    return dict(patterns)
+FLAGS = ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias")
+
+
+def config_problems(raw: Any, source: str = CONFIG_NAME) -> list[LoraToolsError]:
+    """Every problem with the fields loratools relies on, each an error with a stable code:
+    from_dict raises the first, `validate` reports them all."""
+    if not isinstance(raw, dict):
+        return [ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}", code="config-json")]
+    problems: list[LoraToolsError] = []
+    peft_type = raw.get("peft_type")
+    if peft_type is None:
+        problems.append(ConfigError(
+            f"{source}: no peft_type (PEFT cannot load it either); add \"peft_type\": \"LORA\"", code="config-peft-type"
+        ))
+    elif peft_type != "LORA":
+        problems.append(UnsupportedError(
+            f"{source}: peft_type is {peft_type!r}; loratools handles LoRA adapters only", code="config-peft-type"
+        ))
+    if not is_positive_int(raw.get("r", 8)):
+        problems.append(ConfigError(f"{source}: r must be a positive integer, got {raw.get('r')!r}", code="config-r"))
+    if not is_number(raw.get("lora_alpha", 8)):
+        problems.append(ConfigError(f"{source}: lora_alpha must be a number, got {raw.get('lora_alpha')!r}", code="config-alpha"))
+    for name, valid, what in (("rank_pattern", is_positive_int, "a positive integer"), ("alpha_pattern", is_number, "a number")):
+        patterns = raw.get(name) or {}
+        if not isinstance(patterns, dict):
+            problems.append(ConfigError(f"{source}: {name} must be an object mapping patterns to values", code="config-pattern"))
+            continue
+        for key, value in patterns.items():
+            if not valid(value):
+                problems.append(ConfigError(f"{source}: {name}[{key!r}] must be {what}, got {value!r}", code="config-pattern"))
+            try:
+                re.compile(key)
+            except re.error as exc:
+                problems.append(ConfigError(f"{source}: {name} key {key!r} is not a valid regex ({exc})", code="config-pattern"))
+    for name in FLAGS:
+        value = raw.get(name) or False
+        if not isinstance(value, bool):
+            problems.append(ConfigError(f"{source}: {name} must be true or false, got {value!r}", code="config-field"))
+    if (raw.get("bias") or "none") not in ("none", "all", "lora_only"):
+        problems.append(ConfigError(f"{source}: bias must be 'none', 'all' or 'lora_only', got {raw.get('bias')!r}", code="config-field"))
+    targets = raw.get("target_modules")
+    if targets is not None and not isinstance(targets, str):
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            problems.append(ConfigError(f"{source}: target_modules must be a list of names or a regex string", code="config-field"))
+    to_save = raw.get("modules_to_save") or []
+    if not isinstance(to_save, list) or not all(isinstance(t, str) for t in to_save):
+        problems.append(ConfigError(f"{source}: modules_to_save must be a list of module names", code="config-field"))
+    return problems
 
 
 def read_config(path: str | os.PathLike) -> AdapterConfig:

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from ..adapter import PREFIX, Adapter
 from ..arch import Layout
-from ..config import CONFIG_NAME, AdapterConfig, is_number, is_positive_int, pattern_value
+from ..config import CONFIG_NAME, AdapterConfig, config_problems, pattern_value
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME
@@ -132,45 +132,17 @@ def _open_weights(root: Path, add) -> TensorStore | None:
 
 
 def _check_config_fields(raw: dict, add) -> AdapterConfig | None:
-    """Field-by-field checks; returns the parsed config when ranks can be resolved at all."""
-    fatal = False
-    peft_type = raw.get("peft_type")
-    if peft_type != "LORA":
-        add("config-peft-type", ERROR, f"peft_type is {peft_type!r}; expected \"LORA\" (loratools checks LoRA adapters)")
-        fatal = True
-    if not is_positive_int(raw.get("r", 8)):
-        add("config-r", ERROR, f"r must be a positive integer, got {raw.get('r')!r}")
-        fatal = True
-    if not is_number(raw.get("lora_alpha", 8)):
-        add("config-alpha", ERROR, f"lora_alpha must be a number, got {raw.get('lora_alpha')!r}")
-        fatal = True
+    """The config's own problems (shared with AdapterConfig.from_dict) plus what only a linter
+    reports; returns the parsed config when there is no error."""
+    problems = config_problems(raw)
+    for problem in problems:
+        add(problem.code, ERROR, str(problem))
     targets = raw.get("target_modules")
     if targets in (None, [], "") and not raw.get("target_parameters"):
         add("config-target-modules", ERROR, "target_modules is empty: PEFT would adapt nothing; list the modules trained")
-    for name, valid, what in (("rank_pattern", is_positive_int, "a positive integer"), ("alpha_pattern", is_number, "a number")):
-        patterns = raw.get(name) or {}
-        if not isinstance(patterns, dict):
-            add("config-pattern", ERROR, f"{name} must be an object mapping regexes to values")
-            fatal = True
-            continue
-        for key, value in patterns.items():
-            if not valid(value):
-                add("config-pattern", ERROR, f"{name}[{key!r}] must be {what}, got {value!r}")
-                fatal = True
-            try:
-                re.compile(key)
-            except re.error as exc:
-                add("config-pattern", ERROR, f"{name} key {key!r} is not a valid regex ({exc})")
-                fatal = True
     for key in sorted(set(raw) - KNOWN_CONFIG_KEYS):
         add("config-unknown-key", WARNING, f"unknown config key {key!r} (a typo, or a newer PEFT?); PEFT may reject it")
-    if fatal:
-        return None
-    try:
-        return AdapterConfig.from_dict(raw)
-    except LoraToolsError as exc:
-        add(exc.code if exc.code != "config" else "config-field", ERROR, str(exc))
-        return None
+    return None if problems else AdapterConfig.from_dict(raw)
 
 
 def _check_config_against_weights(adapter: Adapter, add) -> None:
