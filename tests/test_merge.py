@@ -332,3 +332,26 @@ def test_progress_bar_on_a_terminal(tmp_path):
     os.close(master)
     assert proc.returncode == 0 and proc.stdout.startswith(b"merged into")
     assert b"merging" in drawn and b"100%" in drawn
+
+
+def test_base_saved_without_the_backbone_prefix(tmp_path):
+    """The original GPT-2 checkpoint on the Hub stores `h.0.attn.c_attn.weight`, not
+    `transformer.h.0...`: adapter names are matched with the prefix dropped, and OUT keeps the
+    base's own names."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "gpt2-no-prefix"
+    shutil.copytree(BASES / "gpt2", base)
+    tensors = load_file(str(base / "model.safetensors"))
+    stripped = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    assert set(stripped) != set(tensors)
+    save_file(stripped, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert run_cli("merge", base, ADAPTERS / "gpt2-conv1d", out).returncode == 0
+    ours = merged_tensors(out)
+    assert set(ours) == set(stripped)
+    reference = peft_merged_state_dict("gpt2", BASES / "gpt2", ADAPTERS / "gpt2-conv1d")
+    assert_matches_peft({f"transformer.{k}" if f"transformer.{k}" in reference else k: v for k, v in ours.items()}, reference)
+    # and transformers loads it like the original
+    torch.testing.assert_close(outputs(load_base("gpt2", out), "gpt2"), outputs(peft_model("gpt2", ADAPTERS / "gpt2-conv1d"), "gpt2"),
+                               rtol=1e-4, atol=1e-5)
