@@ -37,10 +37,6 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    @property
-    def largest_shard_bytes(self) -> int:
-        return max((h.file_size for h in self.shards.values()), default=0)
-
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)

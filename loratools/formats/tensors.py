@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from ..errors import FormatError
 from .safetensors_header import Header, read_header
@@ -38,13 +38,6 @@ class TensorStore:
 
     def get(self, key: str) -> "torch.Tensor":
         raise NotImplementedError
-
-    def __contains__(self, key: str) -> bool:
-        return key in set(self.keys())
-
-    def items(self) -> Iterator[tuple[str, "torch.Tensor"]]:
-        for key in self.keys():
-            yield key, self.get(key)
 
 
 class SafetensorsStore(TensorStore):

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 from ..adapter import Adapter
 from ..arch import ARCHITECTURES, Role, detect_from_config
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError
 from ..formats.checkpoint import Checkpoint
+
+
+def base_architecture(base: Checkpoint) -> str | None:
+    """The base's family from its config.json, or None (no config, or an unknown model_type)."""
+    return detect_from_config(base.config).architecture if base.config else None
+
+
+def architecture_mismatch(base: Checkpoint, adapter: Adapter) -> ConfigError | None:
+    """The error to report when adapter and base are known to be of different families."""
+    base_arch = base_architecture(base)
+    if base_arch and adapter.architecture and base_arch != adapter.architecture:
+        return ConfigError(f"the adapter is for {adapter.architecture} but the base is {base_arch} (config.json)",
+                           code="base-architecture")
+    return None
 
 
 class BaseNameMapper:
@@ -15,7 +29,7 @@ class BaseNameMapper:
 
     def __init__(self, base: Checkpoint, adapter: Adapter):
         self.base = base
-        arch = adapter.architecture or (detect_from_config(base.config).architecture if base.config else None)
+        arch = adapter.architecture or base_architecture(base)
         archs = [ARCHITECTURES[arch]] if arch else list(ARCHITECTURES.values())
         self.arch = ARCHITECTURES.get(arch) if arch else None
         self.prefixes = sorted({h.prefix for a in archs for h in a.heads if h.prefix}, key=len, reverse=True)

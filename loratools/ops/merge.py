@@ -20,13 +20,13 @@ from typing import Callable
 import torch
 
 from ..adapter import Adapter, LoraModule
-from ..arch import Layout, Role, detect_from_config
-from ..errors import ConfigError, ShapeError, UnsupportedError, UsageError
+from ..arch import Layout, Role
+from ..errors import ShapeError, UnsupportedError, UsageError
 from ..formats.atomic import atomic_dir, atomic_file
 from ..formats.checkpoint import INDEX_NAME, Checkpoint
 from ..formats.safetensors_header import DTYPES, FLOAT_DTYPES
 from ..formats.safetensors_writer import StreamingSafetensorsWriter
-from .basemap import BaseNameMapper
+from .basemap import BaseNameMapper, architecture_mismatch, base_architecture
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -95,10 +95,10 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
 
 
 def _check_architectures(base: Checkpoint, adapter: Adapter) -> None:
-    base_arch = detect_from_config(base.config).architecture if base.config else None
-    if base_arch and adapter.architecture and base_arch != adapter.architecture:
-        raise ConfigError(f"the adapter is for {adapter.architecture} but the base is {base_arch} (config.json)")
-    conv1d_possible = adapter.config.fan_in_fan_out or base_arch == "gpt2"
+    mismatch = architecture_mismatch(base, adapter)
+    if mismatch:
+        raise mismatch
+    conv1d_possible = adapter.config.fan_in_fan_out or base_architecture(base) == "gpt2"
     if adapter.architecture is None and conv1d_possible:
         raise UnsupportedError(
             "cannot tell which modules are Conv1D (adapter architecture unknown, fan_in_fan_out set); "

@@ -229,12 +229,11 @@ def _torch_values(store: TensorStore):
 
 
 def _check_against_base(adapter: Adapter, base: Checkpoint, add) -> None:
-    from ..arch import detect_from_config
-    from .basemap import BaseNameMapper
+    from .basemap import BaseNameMapper, architecture_mismatch
 
-    base_arch = detect_from_config(base.config).architecture if base.config else None
-    if base_arch and adapter.architecture and base_arch != adapter.architecture:
-        add("base-architecture", ERROR, f"the adapter is for {adapter.architecture} but the base is {base_arch}")
+    mismatch = architecture_mismatch(base, adapter)
+    if mismatch:
+        add(mismatch.code, ERROR, str(mismatch))
         return
     mapper = BaseNameMapper(base, adapter)
     for path, module in adapter.modules.items():
