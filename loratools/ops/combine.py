@@ -22,7 +22,7 @@ import torch
 from ..adapter import PREFIX, Adapter
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
-from .lowrank import factored_svd
+from .lowrank import balanced_factors, factored_svd
 from .svd import energy_rank
 
 EXACT = ("cat", "svd")
@@ -68,7 +68,7 @@ def combine_adapters(
         first = inputs[0][0].modules[path]
         _check_shapes(path, inputs)
         if method == "cat":
-            a, b = _cat(path, inputs)
+            a, b = _stacked(path, inputs)  # cat: the stacked factors are the exact sum
         elif method == "svd":
             a, b = _svd(path, inputs, rank, energy)
         else:
@@ -163,10 +163,6 @@ def _stacked(path: str, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
 
 
-def _cat(path, inputs):
-    return _stacked(path, inputs)
-
-
 def _svd(path, inputs, rank, energy):
     a, b = _stacked(path, inputs)
     svd = factored_svd(b, a, 1.0, vectors=True)
@@ -174,9 +170,7 @@ def _svd(path, inputs, rank, energy):
         k = max(1, energy_rank([float(x) for x in svd.s], energy))
     else:
         k = rank if rank is not None else max(adapter.modules[path].rank for adapter, _ in inputs)
-    k = min(k, svd.s.shape[0])
-    root = svd.s[:k].sqrt()
-    return root.unsqueeze(1) * svd.vh[:k], svd.u[:, :k] * root
+    return balanced_factors(svd, min(k, svd.s.shape[0]))
 
 
 def _peft_style(path, inputs, method, density, majority_sign, mask_fn):

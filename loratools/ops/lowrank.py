@@ -45,6 +45,12 @@ def _gram_root(x: torch.Tensor) -> torch.Tensor:
     return eigenvalues.clamp_min(0).sqrt().unsqueeze(1) * vectors.T
 
 
+def balanced_factors(svd: LowRankSVD, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') of the rank-k truncation U_k·S_k·Vh_k, split evenly: B' = U·√S, A' = √S·Vh."""
+    root = svd.s[:k].sqrt()
+    return root.unsqueeze(1) * svd.vh[:k], svd.u[:, :k] * root
+
+
 def padded(values: torch.Tensor, length: int) -> list[float]:
     """Singular values as a list of exactly `length` (a rank-r product has r values, the missing
     ones being zero when out or in is smaller than r)."""

@@ -9,7 +9,7 @@ from typing import Any
 from ..adapter import Adapter
 from ..config import with_module_ranks
 from ..errors import UsageError
-from .lowrank import factored_svd
+from .lowrank import balanced_factors, factored_svd
 from .svd import energy_rank
 
 
@@ -48,9 +48,8 @@ def resize_adapter(adapter: Adapter, rank: int | None = None, energy: float | No
             ranks[path] = (module.rank, module.alpha)
             report.append(ResizedModule(path, module.rank, module.rank, 1.0))
             continue
-        root = svd.s[:k].sqrt()
-        new_b = (svd.u[:, :k] * root).to(b.dtype).contiguous()
-        new_a = (root.unsqueeze(1) * svd.vh[:k]).to(a.dtype).contiguous()
+        new_a, new_b = balanced_factors(svd, k)
+        new_a, new_b = new_a.to(a.dtype).contiguous(), new_b.to(b.dtype).contiguous()
         tensors[module.b_key], tensors[module.a_key] = new_b, new_a
         ranks[path] = (k, float(k) ** 0.5 if use_rslora else k)  # scaling alpha/r (or alpha/√r) = 1
         total = sum(x * x for x in sigma)
