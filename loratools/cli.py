@@ -141,8 +141,6 @@ def resize(adapter, out, rank, energy, force, as_json) -> None:
     from .api import load_adapter, save_adapter
     from .ops.resize import resize_adapter, resize_report
 
-    if (rank is None) == (energy is None):
-        raise click.UsageError("give exactly one of --rank K or --energy T")
     source = load_adapter(adapter)
     resized, modules = resize_adapter(source, rank=rank, energy=energy)
     save_adapter(resized, out, force=force)
