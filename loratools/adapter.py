@@ -7,12 +7,13 @@ structural checks (pairs, ranks, shapes) happen here, so every later operation c
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from .arch import Detection, Layout, Role, detect_from_paths, locate
-from .config import AdapterConfig
+from .config import MERGEABLE_VARIANTS, AdapterConfig, variant_refusals
 from .errors import ConfigError, FormatError, LoraToolsError, ShapeError, UnsupportedError
 from .formats.tensors import MemoryStore, TensorStore
 
@@ -24,8 +25,12 @@ PREFIX = "base_model.model."
 # <module path>.<part>; the parts PEFT's LoRA writes for a targeted module.
 _PART = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
-    r"|lora_magnitude_vector|base_layer\.bias|base_layer\.weight)$"
+    r"|lora_magnitude_vector|lora_diag|base_layer\.bias|base_layer\.weight)$"
 )
+# trainable_token_indices: the new rows of an embedding (PEFT's TrainableTokensWrapper).
+_TOKENS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
+# Tensors of LoRA variants loratools refuses (see config.refusals): known to PEFT, so not "unknown".
+_VARIANT_PART = re.compile(r"^(?P<module>.+)\.(lora_velora_embed|lora_monteclora_sampler\.\w+)$")
 FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
 
 
@@ -47,6 +52,7 @@ class LoraModule:
     lora_bias_key: str | None = None  # lora_bias=True: lora_B.bias
     base_bias_key: str | None = None  # bias="lora_only"/"all": replaces the base bias
     base_weight_key: str | None = None  # saved full embedding: replaces the base weight
+    diag_key: str | None = None  # KaSA: ΔW = s·B·diag(d)·A
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -69,6 +75,19 @@ class Extra:
     target: str  # the base tensor it replaces, relative to the model root
 
 
+@dataclass(frozen=True)
+class TrainableTokens:
+    """trainable_token_indices: rows of an embedding replaced by trained values (PEFT's index_copy)."""
+
+    key: str  # ...token_adapter.trainable_tokens_delta, shape (len(indices), dim)
+    path: str  # the embedding module
+    indices: tuple[int, ...]
+
+    @property
+    def target(self) -> str:
+        return f"{self.path}.weight"
+
+
 class Adapter:
     def __init__(
         self,
@@ -89,7 +108,9 @@ class Adapter:
         self.weights_path = weights_path  # the weights file it was read from, if any
         self.modules: dict[str, LoraModule] = {}
         self.extras: list[Extra] = []
+        self.trainable_tokens: list[TrainableTokens] = []
         self.unknown_keys: list[str] = []
+        self.variant_keys: list[str] = []  # tensors of a LoRA variant loratools refuses
         self.detection: Detection = Detection(None, reason="not detected")
         self._parse()
 
@@ -111,9 +132,14 @@ class Adapter:
             if not key.startswith(PREFIX):
                 self.unknown_keys.append(key)
                 continue
-            m = _PART.match(key[len(PREFIX) :])
+            rel = key[len(PREFIX) :]
+            m = _PART.match(rel)
             if m:
                 parts.setdefault(m["module"], {})[m["part"]] = key
+            elif _TOKENS.match(rel):
+                self._add_trainable_tokens(key, _TOKENS.match(rel)["module"])
+            elif _VARIANT_PART.match(rel) and any(v not in MERGEABLE_VARIANTS for v in self.config.variants):
+                self.variant_keys.append(key)
             else:
                 plain.append(key)
         lora_paths = [p for p, ps in parts.items() if _factor_parts(ps)]
@@ -143,6 +169,14 @@ class Adapter:
             self._problem(None, ConfigError(
                 "adapter_config.json sets lora_bias but the weights have no lora_B.bias", code="lora-bias-mismatch"
             ))
+        if self.config.trainable_token_indices is not None and not self.trainable_tokens:
+            self._problem(None, ConfigError(
+                "adapter_config.json sets trainable_token_indices but the weights have no trainable_tokens_delta",
+                code="trainable-tokens-mismatch",
+            ))
+        if "kasa" in self.config.variants and self.modules and not all(m.diag_key for m in self.modules.values()):
+            missing = next(p for p, m in self.modules.items() if not m.diag_key)
+            self._problem(missing, ConfigError(f"module {missing}: kasa_config is set but it has no lora_diag", code="kasa-mismatch"))
         if self.config.use_dora and self.modules and not any(m.magnitude_key for m in self.modules.values()):
             self._problem(None, ConfigError(
                 "adapter_config.json says use_dora but the weights have no lora_magnitude_vector", code="dora-mismatch"
@@ -210,16 +244,27 @@ class Adapter:
             role=ref.role if ref else None,
             layer=ref.layer if ref else None,
             magnitude_key=ps.get("lora_magnitude_vector"),
+            diag_key=ps.get("lora_diag"),
             lora_bias_key=ps.get("lora_B.bias"),
             base_bias_key=ps.get("base_layer.bias"),
             base_weight_key=ps.get("base_layer.weight"),
         )
-        for key, what in ((module.magnitude_key, "lora_magnitude_vector"), (module.lora_bias_key, "lora_B.bias")):
-            if key is not None and self.tensors.meta(key).shape != (module.out_features,):
+        for key, what, length in (
+            (module.magnitude_key, "lora_magnitude_vector", module.out_features),
+            (module.lora_bias_key, "lora_B.bias", module.out_features),
+            (module.diag_key, "lora_diag", module.rank),
+        ):
+            if key is not None and self.tensors.meta(key).shape != (length,):
                 shape = list(self.tensors.meta(key).shape)
-                return self._problem(path, ShapeError(
-                    f"module {path}: {what} has shape {shape}, expected [{module.out_features}]", code="vector-shape"
+                return self._problem(path, ShapeError(f"module {path}: {what} has shape {shape}, expected [{length}]", code="vector-shape"))
+            if key is not None and self.tensors.meta(key).dtype not in FLOAT_DTYPES:
+                return self._problem(path, FormatError(
+                    f"module {path}: {what} has dtype {self.tensors.meta(key).dtype}; expected floating point", code="non-float-factor"
                 ))
+        if module.diag_key and "kasa" not in self.config.variants:
+            return self._problem(path, ConfigError(
+                f"module {path}: has a KaSA lora_diag but the config has no kasa_config (PEFT would ignore it)", code="kasa-mismatch"
+            ))
         if module.lora_bias_key and not self.config.lora_bias:
             return self._problem(path, ConfigError(
                 f"module {path}: has lora_B.bias but the config does not set lora_bias (PEFT would ignore it)",
@@ -231,7 +276,48 @@ class Adapter:
             ))
         return module
 
+    def _add_trainable_tokens(self, key: str, path: str) -> None:
+        indices = self.config.token_indices_for(path)
+        meta = self.tensors.meta(key)
+        if indices is None:
+            return self._problem(path, ConfigError(
+                f"module {path}: has trainable_tokens_delta but trainable_token_indices names no such module",
+                code="trainable-tokens-mismatch",
+            ))
+        if meta.dtype not in FLOAT_DTYPES or len(meta.shape) != 2 or meta.shape[0] != len(indices):
+            return self._problem(path, ShapeError(
+                f"module {path}: trainable_tokens_delta is {meta.dtype}{list(meta.shape)}, expected a float "
+                f"[{len(indices)}, dim] for the {len(indices)} trainable_token_indices",
+                code="trainable-tokens-shape",
+            ))
+        if len(set(indices)) != len(indices):
+            return self._problem(path, ConfigError(f"module {path}: trainable_token_indices repeats a token id", code="trainable-tokens-mismatch"))
+        self.trainable_tokens.append(TrainableTokens(key, path, tuple(indices)))
+
+    def require_supported(self, operation: str, merging: bool = False, analysis: bool = False) -> None:
+        """Refuse, naming the first reason, an adapter this operation cannot reproduce exactly:
+        a tensor it cannot place, or a PEFT feature whose effect is not (only) s·B·A.
+        analysis=True (svd): only what would make the spectra of s·B·A wrong."""
+        if analysis:
+            reasons = variant_refusals(self.config.raw, merging=False)
+            if reasons:
+                raise UnsupportedError(f"cannot {operation} {self.source or 'the adapter'}: {reasons[0]}", code="unsupported")
+            return
+        reasons = self.config.refusals(merging)
+        if self.unknown_keys:
+            more = f" (and {len(self.unknown_keys) - 1} more)" if len(self.unknown_keys) > 1 else ""
+            reasons.append(f"tensor {self.unknown_keys[0]!r}{more} is not part of a LoRA adapter loratools knows; "
+                           "refusing rather than ignoring it (loratools validate lists them)")
+        if not merging and self.trainable_tokens:
+            reasons.append("trainable_token_indices (trainable_tokens_delta) cannot be carried over; loratools merge supports them")
+        if reasons:
+            raise UnsupportedError(f"cannot {operation} {self.source or 'the adapter'}: {reasons[0]}", code="unsupported")
+
     # ---- tensors ---------------------------------------------------------------------------
+
+    def input_paths(self) -> list[str]:
+        """The directory this adapter was read from (what outputs must not overwrite)."""
+        return [os.path.dirname(os.path.abspath(self.weights_path))] if self.weights_path else []
 
     def tensor(self, key: str) -> "torch.Tensor":
         return self.tensors.get(key)
@@ -248,6 +334,8 @@ class Adapter:
 
         module = self.modules[path]
         a, b = (t.to(device=device, dtype=torch.float32) for t in self.factors(path))
+        if module.diag_key:  # KaSA
+            b = b * self.tensors.get(module.diag_key).to(device=device, dtype=torch.float32)
         delta = (b @ a).mul_(module.scaling)
         return delta if module.layout is Layout.LINEAR else delta.T
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 from .adapter import Adapter
 from .formats.peft_dir import read_adapter, write_adapter
@@ -18,10 +19,11 @@ def load_adapter(spec: str | os.PathLike) -> Adapter:
     return adapter
 
 
-def save_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False) -> Path:
+def save_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False, sources: Iterable[Adapter] = ()) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors), atomically;
-    an existing `out` is replaced only with force=True."""
-    return write_adapter(adapter, out, force=force)
+    an existing `out` is replaced only with force=True, and never when it is, contains or sits
+    inside the directory of `adapter` or of one of the `sources` it was made from."""
+    return write_adapter(adapter, out, force=force, inputs=[p for s in sources for p in s.input_paths()])
 
 
 def merge(

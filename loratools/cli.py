@@ -8,6 +8,7 @@ here: the library imports it inside the functions that need tensors.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import click
@@ -15,9 +16,24 @@ import click
 from .errors import LoraToolsError
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP, raised like Ctrl-C so that every partial output is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise _Terminated(signum)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         debug = "--debug" in sys.argv[1:] or (ctx.params or {}).get("debug", False)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                signal.signal(sig, _on_signal)
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -26,8 +42,10 @@ class _Group(click.Group):
             if debug:
                 raise
             _fail(str(exc), exc.exit_code)
+        except _Terminated as exc:
+            _fail(f"terminated by {signal.Signals(exc.signum).name}; nothing was written", 128 + exc.signum)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted; nothing was written", 130)
         except Exception as exc:  # a bug in loratools, or an error we failed to anticipate
             if debug:
                 raise
@@ -143,7 +161,7 @@ def resize(adapter, out, rank, energy, force, as_json) -> None:
 
     source = load_adapter(adapter)
     resized, modules = resize_adapter(source, rank=rank, energy=energy)
-    save_adapter(resized, out, force=force)
+    save_adapter(resized, out, force=force, sources=[source])
     report = resize_report(source, out, modules)
     if as_json:
         _print_json(report)
@@ -198,10 +216,11 @@ def convert(adapter, out, source, target, head, drop_unmapped, base_model, force
     from .api import load_adapter, save_adapter
     from .ops.convert import convert_adapter
 
+    source_adapter = load_adapter(adapter)
     converted, report = convert_adapter(
-        load_adapter(adapter), to=target, source=source, head=head, drop_unmapped=drop_unmapped, base_model=base_model
+        source_adapter, to=target, source=source, head=head, drop_unmapped=drop_unmapped, base_model=base_model
     )
-    save_adapter(converted, out, force=force)
+    save_adapter(converted, out, force=force, sources=[source_adapter])
     if as_json:
         _print_json({"adapter": adapter, "out": out, **report.__dict__})
     else:
@@ -256,7 +275,7 @@ def combine(adapters, out, method, weights, rank, energy, density, majority_sign
         loaded, method=method, weights=weights, rank=rank, energy=energy, density=density,
         majority_sign=majority_sign, seed=seed,
     )
-    save_adapter(combined, out, force=force)
+    save_adapter(combined, out, force=force, sources=loaded)
     if as_json:
         _print_json(combine_report(report, adapters, out))
     else:

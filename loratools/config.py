@@ -6,14 +6,15 @@ newer PEFT) put there, including ones loratools does not know.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .errors import ConfigError, InputNotFoundError, LoraToolsError, UnsupportedError
+from .formats.json_text import parse_json
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -26,6 +27,38 @@ def is_positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+# Patterns come from files users download: bound how many there are, how long each is, and how
+# long one match may take (a key like `(a|a)*b` backtracks exponentially; Python's re has no timeout).
+MAX_PATTERN_KEYS = 20_000
+MAX_PATTERN_LENGTH = 1_000
+MATCH_TIMEOUT_S = 0.25
+# scaling multiplies float32 factors: beyond this, ΔW overflows to inf.
+MAX_SCALING = 1e30
+
+
+def peft_pattern(key: str) -> str:
+    """The expression PEFT matches a rank_pattern / alpha_pattern key with."""
+    return rf"(.*\.)?({key})$"
+
+
+@lru_cache(maxsize=65_536)
+def _compiled(expression: str):
+    import regex  # the one regex engine with a timeout; same syntax as re for these patterns
+
+    return regex.compile(expression, flags=regex.VERSION0)
+
+
+def pattern_matches(key: str, module_path: str) -> bool:
+    try:
+        return _compiled(peft_pattern(key)).match(module_path, timeout=MATCH_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise ConfigError(
+            f"adapter_config.json: pattern {key[:80]!r} takes too long to match {module_path!r} "
+            "(catastrophic backtracking); simplify it",
+            code="config-pattern",
+        ) from None
+
+
 def pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup for one module.
 
@@ -35,7 +68,7 @@ def pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> A
     key lookup before the default.
     """
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
+        if pattern_matches(key, module_path):
             return value
     return patterns.get(module_path, default)
 
@@ -56,6 +89,8 @@ class AdapterConfig:
     modules_to_save: list[str] = field(default_factory=list)
     base_model_name_or_path: str | None = None
     base_model_class: str | None = None  # from auto_mapping, when PEFT recorded it
+    variants: tuple[str, ...] = ()  # PEFT LoRA variants the config selects ("dora", "kasa", ...)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = CONFIG_NAME) -> "AdapterConfig":
@@ -75,8 +110,24 @@ class AdapterConfig:
             modules_to_save=raw.get("modules_to_save") or [],
             base_model_name_or_path=raw.get("base_model_name_or_path"),
             base_model_class=auto.get("base_model_class") if isinstance(auto, dict) else None,
+            variants=lora_variants(raw),
+            trainable_token_indices=raw.get("trainable_token_indices"),
             **{name: raw.get(name) or False for name in FLAGS},
         )
+
+    def refusals(self, merging: bool) -> list[str]:
+        return refusals(self.raw, merging)
+
+    def token_indices_for(self, module_path: str) -> list[int] | None:
+        """PEFT's trainable_token_indices for one module: a list applies to the input embedding,
+        a dict maps module names (matched as a dotted suffix of the path) to lists."""
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            for name, indices in tokens.items():
+                if module_path == name or module_path.endswith("." + name):
+                    return indices
+            return None
+        return tokens
 
     def rank_for(self, module_path: str) -> int:
         return pattern_value(self.rank_pattern, module_path, self.r)
@@ -119,18 +170,28 @@ def config_problems(raw: Any, source: str = CONFIG_NAME) -> list[LoraToolsError]
         problems.append(ConfigError(f"{source}: r must be a positive integer, got {raw.get('r')!r}", code="config-r"))
     if not is_number(raw.get("lora_alpha", 8)):
         problems.append(ConfigError(f"{source}: lora_alpha must be a number, got {raw.get('lora_alpha')!r}", code="config-alpha"))
+    elif abs(raw.get("lora_alpha", 8)) > MAX_SCALING:
+        problems.append(ConfigError(
+            f"{source}: lora_alpha {raw.get('lora_alpha')!r} is too large: ΔW would overflow float32", code="config-alpha"
+        ))
     for name, valid, what in (("rank_pattern", is_positive_int, "a positive integer"), ("alpha_pattern", is_number, "a number")):
         patterns = raw.get(name) or {}
         if not isinstance(patterns, dict):
             problems.append(ConfigError(f"{source}: {name} must be an object mapping patterns to values", code="config-pattern"))
             continue
+        if len(patterns) > MAX_PATTERN_KEYS:
+            problems.append(ConfigError(
+                f"{source}: {name} has {len(patterns)} keys (more than {MAX_PATTERN_KEYS}); loratools refuses it", code="config-pattern"
+            ))
+            continue
         for key, value in patterns.items():
             if not valid(value):
-                problems.append(ConfigError(f"{source}: {name}[{key!r}] must be {what}, got {value!r}", code="config-pattern"))
-            try:
-                re.compile(key)
-            except re.error as exc:
-                problems.append(ConfigError(f"{source}: {name} key {key!r} is not a valid regex ({exc})", code="config-pattern"))
+                problems.append(ConfigError(f"{source}: {name}[{key[:80]!r}] must be {what}, got {value!r}", code="config-pattern"))
+            elif name == "alpha_pattern" and abs(value) > MAX_SCALING:
+                problems.append(ConfigError(f"{source}: {name}[{key[:80]!r}] = {value!r} would overflow float32", code="config-alpha"))
+            problem = regex_problem(key, peft_pattern(key))
+            if problem:
+                problems.append(ConfigError(f"{source}: {name} key {key[:80]!r} {problem}", code="config-pattern"))
     for name in FLAGS:
         value = raw.get(name) or False
         if not isinstance(value, bool):
@@ -141,10 +202,95 @@ def config_problems(raw: Any, source: str = CONFIG_NAME) -> list[LoraToolsError]
     if targets is not None and not isinstance(targets, str):
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             problems.append(ConfigError(f"{source}: target_modules must be a list of names or a regex string", code="config-field"))
+    elif isinstance(targets, str):
+        problem = regex_problem(targets, targets)  # PEFT: re.fullmatch(target_modules, module_name)
+        if problem:
+            problems.append(ConfigError(f"{source}: target_modules {targets[:80]!r} {problem}", code="config-target-modules"))
+    tokens = raw.get("trainable_token_indices")
+    if tokens is not None and token_indices_problem(tokens):
+        problems.append(ConfigError(f"{source}: trainable_token_indices {token_indices_problem(tokens)}", code="config-field"))
     to_save = raw.get("modules_to_save") or []
     if not isinstance(to_save, list) or not all(isinstance(t, str) for t in to_save):
         problems.append(ConfigError(f"{source}: modules_to_save must be a list of module names", code="config-field"))
     return problems
+
+
+def regex_problem(key: Any, expression: str) -> str | None:
+    """Why a user-supplied pattern cannot be used (as PEFT compiles it, with Python's re), or None."""
+    if not isinstance(key, str):
+        return "is not a string"
+    if len(key) > MAX_PATTERN_LENGTH:
+        return f"is longer than {MAX_PATTERN_LENGTH} characters"
+    try:
+        re.compile(expression)
+    except (re.error, RecursionError, OverflowError) as exc:
+        return f"is not a valid regex ({str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def _is_index_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+
+
+def token_indices_problem(tokens: Any) -> str | None:
+    if _is_index_list(tokens):
+        return None
+    if isinstance(tokens, dict) and all(isinstance(k, str) and _is_index_list(v) for k, v in tokens.items()):
+        return None
+    return "must be a list of token ids or an object mapping module names to lists of token ids"
+
+
+# ---- what an adapter needs beyond s·B·A ----------------------------------------------------------
+
+# LoRA variants PEFT selects from config fields (LoraConfig fields tagged is_lora_variant, and
+# init_lora_weights="mica"), in the names PEFT's variant registry uses.
+_VARIANT_FIELDS = (
+    ("dora", "use_dora"), ("kasa", "kasa_config"), ("velora", "velora_config"), ("monteclora", "monteclora_config"),
+    ("bdlora", "use_bdlora"), ("arrow", "arrow_config"), ("qalora", "use_qalora"), ("alora", "alora_invocation_tokens"),
+)
+# Merged exactly: DoRA (renormalised), KaSA (B·diag(d)·A on the SVD-truncated base), MiCA (plain LoRA).
+MERGEABLE_VARIANTS = frozenset({"dora", "kasa", "mica"})
+# init_lora_weights values whose adapter is relative to a base PEFT rewrote at initialisation.
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def lora_variants(raw: dict[str, Any]) -> tuple[str, ...]:
+    found = [name for name, key in _VARIANT_FIELDS if raw.get(key)]
+    if raw.get("init_lora_weights") == "mica":
+        found.append("mica")
+    return tuple(found)
+
+
+def variant_refusals(raw: dict[str, Any], merging: bool) -> list[str]:
+    """Why the LoRA variant(s) this config selects cannot be merged exactly (merging=True), or
+    treated as ΔW = s·B·A by convert/combine/resize/svd (merging=False); empty when they can."""
+    reasons = []
+    variants = lora_variants(raw)
+    allowed = MERGEABLE_VARIANTS if merging else {"dora", "mica"}
+    for variant in variants:
+        if variant == "alora":
+            reasons.append("aLoRA (alora_invocation_tokens) acts only after its invocation tokens, so it cannot be "
+                           "merged into weights (PEFT refuses too)")
+        elif variant not in allowed:
+            reasons.append(f"unsupported LoRA variant {variant}: its update is not a plain s·B·A"
+                           + ("" if merging else f" (loratools merge supports {variant})" if variant in MERGEABLE_VARIANTS else ""))
+    if len([v for v in variants if v in MERGEABLE_VARIANTS]) > 1:
+        reasons.append(f"LoRA variants {' + '.join(variants)} together: PEFT has no such combination")
+    return reasons
+
+
+def refusals(raw: dict[str, Any], merging: bool) -> list[str]:
+    """variant_refusals, plus config features that make the adapter relative to another base than
+    the one in the checkpoint; empty when an output can be exact."""
+    reasons = variant_refusals(raw, merging)
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
+        reasons.append(f"init_lora_weights={init!r}: the adapter is relative to a base PEFT rewrote at initialisation, not "
+                       "to the original base; save it converted to plain LoRA (PEFT's path_initial_model_for_weight_conversion)")
+    if raw.get("layer_replication"):
+        reasons.append("layer_replication: PEFT duplicates base layers before applying this adapter; merging it into "
+                       "the base's own layers would give a different model")
+    return reasons
 
 
 def read_config(path: str | os.PathLike) -> AdapterConfig:
@@ -157,9 +303,9 @@ def read_config(path: str | os.PathLike) -> AdapterConfig:
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory") from None
     try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{CONFIG_NAME}: not valid JSON ({exc})") from None
+        raw = parse_json(data)
+    except ValueError as exc:
+        raise ConfigError(f"{CONFIG_NAME}: not valid JSON ({exc})", code="config-json") from None
     return AdapterConfig.from_dict(raw)
 
 
@@ -169,6 +315,8 @@ def config_json(raw: dict[str, Any]) -> str:
     Unlike PEFT, nested objects keep their order: rank_pattern / alpha_pattern are first-match-wins,
     and sorting them could change which pattern applies to a module.
     """
+    import json
+
     return json.dumps({key: raw[key] for key in sorted(raw)}, indent=2) + "\n"
 
 

@@ -1,20 +1,27 @@
-"""Write outputs all-or-nothing: into a temporary sibling, renamed into place at the end.
+"""Write outputs all-or-nothing: into a temporary sibling, moved into place at the end.
 
-A failed or interrupted write leaves no output (only, at worst, a hidden `.<name>.tmp-*`
-sibling that the next run does not mistake for a result); an existing output is replaced only
-when the caller says so.
+- A failed, interrupted (SIGINT/SIGTERM) or killed write leaves no output. A killed one leaves a
+  hidden `.<name>.tmp-<pid>-*` sibling; the next write of the same output removes it once that
+  process is gone.
+- Whether an existing output may be replaced is decided when the output is moved into place, not
+  when the work starts: without `force`, an output that appeared meanwhile (another run, another
+  user) is left alone and this run fails; with `force`, the swap is one atomic rename.
+- Inputs are never outputs: every writing command refuses an output that is, contains, or sits
+  inside one of its inputs (`refuse_overlap`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from ..errors import OutputExistsError
+from ..errors import OutputExistsError, UsageError
 
 
 def check_output(out: str | os.PathLike, force: bool) -> Path:
@@ -24,44 +31,146 @@ def check_output(out: str | os.PathLike, force: bool) -> Path:
     return out
 
 
+def refuse_overlap(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """OUT may not be an input, contain one, or sit inside an input directory: with --force that
+    would delete what is being read. (A file beside a single-file input is fine.)"""
+    target = Path(out).resolve()
+    for given in inputs:
+        p = Path(given).resolve()
+        inside_input_dir = p.is_dir() and target.is_relative_to(p)
+        if target == p or p.is_relative_to(target) or inside_input_dir:
+            raise UsageError(f"{out}: overlaps an input ({p}); choose another output path")
+
+
+def default_mode(directory: bool) -> int:
+    """What a plain mkdir/open would give under the current umask (mkdtemp/mkstemp give 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `out`; on success it becomes `out`."""
+def atomic_dir(out: str | os.PathLike, force: bool = False, mode: int | None = None) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `out`; on success it becomes `out` (with `mode`,
+    default: as mkdir would make it)."""
     out = check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     try:
+        os.chmod(tmp, default_mode(True) if mode is None else mode)
         yield tmp
-        _replace(tmp, out)
+        _commit(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace(new: Path, out: Path) -> None:
-    # A directory cannot be swapped in one rename: move the old one aside first, then drop it.
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "old")
-        os.rename(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, out)
-
-
 @contextmanager
-def atomic_file(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path beside `out`; on success it replaces `out` in one rename."""
+def atomic_file(out: str | os.PathLike, force: bool = False, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary file path beside `out`; on success it becomes `out`."""
     out = check_output(out, force)
     if out.is_dir():
         raise OutputExistsError(f"{out}: is a directory; the output of a single-file input is a file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    remove_stale_temps(out)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, default_mode(False) if mode is None else mode)
         yield tmp
-        os.replace(tmp, out)
+        _commit(tmp, out, force)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-{os.getpid()}-"
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove temporary siblings of `out` left by runs that were killed (their process is gone)."""
+    prefix = f".{out.name}.tmp-"
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return
+    for sibling in siblings:
+        if not sibling.name.startswith(prefix):
+            continue
+        pid = sibling.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+# ---- the final move ----------------------------------------------------------------------------
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2; False when this system does not have it (then the caller falls back)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _commit(tmp: Path, out: Path, force: bool) -> None:
+    if not force or not (out.exists() or out.is_symlink()):
+        try:
+            if _renameat2(tmp, out, _RENAME_NOREPLACE):
+                return
+        except FileExistsError:
+            if not force:
+                raise OutputExistsError(f"{out}: appeared while loratools was writing it; left alone (use --force to replace it)") from None
+        else:
+            # No renameat2 here: a plain rename would silently replace an output that appeared meanwhile.
+            if out.exists() or out.is_symlink():
+                if not force:
+                    raise OutputExistsError(f"{out}: appeared while loratools was writing it; left alone (use --force to replace it)")
+            else:
+                os.rename(tmp, out)
+                return
+    # --force and OUT exists: swap in one step where the system can, then drop the old one.
+    if _renameat2(tmp, out, _RENAME_EXCHANGE):
+        _remove(tmp)
+        return
+    if tmp.is_dir():
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
+        os.rename(out, old / "old")
+        os.rename(tmp, out)
+        _remove(old)
+    else:
+        os.replace(tmp, out)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

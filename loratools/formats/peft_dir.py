@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 from ..adapter import Adapter
 from ..config import CONFIG_NAME, config_json, read_config
 from ..errors import FormatError, InputNotFoundError
-from .atomic import atomic_dir
+from .atomic import atomic_dir, refuse_overlap
 from .tensors import SafetensorsStore, TensorStore, load_pickled_tensors
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -43,10 +44,12 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     return Adapter(config, open_tensors(weights), source=str(path), weights_path=str(weights))
 
 
-def write_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False) -> Path:
-    """Write `adapter` as a PEFT directory (config + safetensors), atomically."""
+def write_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write `adapter` as a PEFT directory (config + safetensors), atomically. `inputs`: paths the
+    adapter was made from, which `out` may not overlap."""
     from safetensors.torch import save_file
 
+    refuse_overlap(out, [*inputs, *adapter.input_paths()])
     # Load everything before creating anything, so a read error leaves no output behind.
     tensors = _own_storage(adapter.state_dict())
     with atomic_dir(out, force=force) as tmp:

@@ -8,13 +8,13 @@ before any tensor is read.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError, InputNotFoundError
+from .json_text import parse_json
 
 # dtype code in the header -> (bytes per element, torch-style name)
 DTYPES: dict[str, tuple[int, str]] = {
@@ -38,6 +38,8 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 # The reference implementation refuses headers above 100 MB; so do we, before allocating.
 MAX_HEADER_BYTES = 100_000_000
+# Far above any real checkpoint or adapter (a 671B MoE with LoRA on every expert has ~100k).
+MAX_TENSORS = 200_000
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,24 @@ class Header:
     metadata: dict[str, str]
     data_start: int  # byte offset of the data buffer in the file
     file_size: int
+    stamp: tuple[int, ...] = ()  # (inode, size, mtime_ns) when the header was read
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was replaced or rewritten since its header was read: reading on would
+        mix two versions of it (or fault on a mapping of a truncated file)."""
+        if self.stamp and file_stamp(self.path) != self.stamp:
+            raise FormatError(
+                f"{os.path.basename(self.path)}: changed on disk while loratools was reading it; run again once it is stable",
+                code="input-changed",
+            )
+
+
+def file_stamp(path: str | os.PathLike) -> tuple[int, ...]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1,)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_header(path: str | os.PathLike) -> Header:
@@ -70,6 +90,7 @@ def read_header(path: str | os.PathLike) -> Header:
     path = os.fspath(path)
     name = os.path.basename(path)
     try:
+        stamp = file_stamp(path)
         file_size = os.path.getsize(path)
         with open(path, "rb") as fh:
             prefix = fh.read(8)
@@ -86,18 +107,25 @@ def read_header(path: str | os.PathLike) -> Header:
         raise InputNotFoundError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise FormatError(f"{path}: is a directory, expected a .safetensors file") from None
-    return parse_header(raw, file_size, name=name, path=path)
+    header = parse_header(raw, file_size, name=name, path=path)
+    return Header(header.path, header.tensors, header.metadata, header.data_start, header.file_size, stamp)
 
 
 def parse_header(raw: bytes, file_size: int, *, name: str, path: str = "") -> Header:
     """Check a header's JSON bytes against the size of the file they came from."""
+    # Count entries before parsing: a header of a million empty tensors parses into gigabytes.
+    entries = raw.count(b'"data_offsets"')
+    if entries > MAX_TENSORS:
+        raise FormatError(f"{name}: header lists {entries} tensors (more than {MAX_TENSORS}); refused", code="st-too-many-tensors")
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FormatError(f"{name}: header is not valid JSON", code="st-header-json") from None
+        obj = parse_json(raw)
+    except ValueError as exc:
+        raise FormatError(f"{name}: header is not valid JSON ({exc})", code="st-header-json") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{name}: header is not a JSON object", code="st-header-json")
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError(f"{name}: __metadata__ must map strings to strings", code="st-metadata")
     data_start = 8 + len(raw)

@@ -39,15 +39,30 @@ class TensorStore:
     def get(self, key: str) -> "torch.Tensor":
         raise NotImplementedError
 
+    def finite(self, key: str) -> bool:
+        """No NaN or Inf in the tensor (always true for integer tensors)."""
+        import torch
+
+        tensor = self.get(key)
+        return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+    def check_unchanged(self) -> None:
+        """Raise if the file behind the store changed since it was opened (nothing to do in memory)."""
+
+
+# Float formats as bit fields: (unsigned view, exponent mask). A value is NaN/Inf when its exponent
+# bits are all ones.
+_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF0000000000000)}
+
 
 class SafetensorsStore(TensorStore):
     """A safetensors file: the header is parsed and checked when the store is made; each tensor
-    is read from the memory-mapped file when asked for."""
+    is read when asked for, with plain reads rather than a memory map, so a file truncated by
+    someone else meanwhile is a clean error (a short read), never a SIGBUS."""
 
     def __init__(self, path: str | os.PathLike, header: Header | None = None):
         self.path = os.fspath(path)
         self.header = header or read_header(self.path)
-        self._handle = None
 
     def keys(self) -> list[str]:
         return list(self.header.tensors)
@@ -56,15 +71,50 @@ class SafetensorsStore(TensorStore):
         info = self.header.tensors[key]
         return TensorMeta(info.dtype_name, info.shape)
 
-    def get(self, key: str) -> "torch.Tensor":
-        from safetensors import SafetensorError, safe_open
+    def raw(self, key: str) -> bytearray:
+        """The tensor's bytes, as stored."""
+        info = self.header.tensors[key]
+        self.header.check_unchanged()
+        data = bytearray(info.end - info.start)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.header.data_start + info.start)
+            if fh.readinto(data) != len(data):
+                raise FormatError(f"{os.path.basename(self.path)}: ended early while reading {key} (truncated meanwhile?)", code="input-changed")
+        return data
 
-        try:
-            if self._handle is None:
-                self._handle = safe_open(self.path, framework="pt", device="cpu")
-            return self._handle.get_tensor(key)
-        except SafetensorError as exc:
-            raise FormatError(f"{os.path.basename(self.path)}: {exc}") from None
+    def get(self, key: str) -> "torch.Tensor":
+        import torch
+
+        from .torch_dtypes import torch_dtype
+
+        info = self.header.tensors[key]
+        data = self.raw(key)
+        dtype = torch_dtype(info.dtype)
+        if not data:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info.shape)
+
+    def finite(self, key: str) -> bool:
+        """Checked on the raw bits with numpy: no torch import, no dtype conversion."""
+        return raw_values(self, key)[0]
+
+    def check_unchanged(self) -> None:
+        self.header.check_unchanged()
+
+
+def raw_values(store: SafetensorsStore, key: str) -> tuple[bool, bool]:
+    """(no NaN/Inf, not all zero) for a tensor of a safetensors file, from its bits."""
+    import numpy as np
+
+    info = store.header.tensors[key]
+    if info.dtype not in _BITS or info.end == info.start:
+        return True, info.end != info.start
+    unsigned, exponent = _BITS[info.dtype]
+    bits = np.frombuffer(store.raw(key), dtype=unsigned)
+    exp_mask = np.array(exponent, dtype=unsigned)
+    finite = not np.any((bits & exp_mask) == exp_mask)
+    nonzero = bool(np.any(bits << np.array(1, dtype=unsigned)))  # drop the sign bit: -0 is zero too
+    return finite, nonzero
 
 
 class MemoryStore(TensorStore):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..adapter import Adapter
-from ..arch import ARCHITECTURES, Role, detect_from_config
+from ..arch import ARCHITECTURES, Role, detect_from_config, locate
 from ..errors import ConfigError, ShapeError
 from ..formats.checkpoint import Checkpoint
 
@@ -32,6 +32,7 @@ class BaseNameMapper:
         arch = adapter.architecture or base_architecture(base)
         archs = [ARCHITECTURES[arch]] if arch else list(ARCHITECTURES.values())
         self.arch = ARCHITECTURES.get(arch) if arch else None
+        self.adapter_prefix = adapter.detection.prefix if adapter.detection.known else None
         self.prefixes = sorted({h.prefix for a in archs for h in a.heads if h.prefix}, key=len, reverse=True)
 
     def candidates(self, name: str) -> list[str]:
@@ -40,10 +41,18 @@ class BaseNameMapper:
             out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
         return out
 
-    def find(self, name: str, what: str, required: bool = True, lm_head: bool = False) -> str | None:
+    def is_lm_head(self, name: str) -> bool:
+        if self.arch is None or self.adapter_prefix is None:
+            return False
+        ref = locate(self.arch, self.adapter_prefix, name.rsplit(".", 1)[0])
+        return ref is not None and ref.role is Role.LM_HEAD
+
+    def find(self, name: str, what: str, required: bool = True, lm_head: bool | None = None) -> str | None:
         for candidate in self.candidates(name):
             if candidate in self.base:
                 return candidate
+        if lm_head is None:
+            lm_head = self.is_lm_head(name) and name.endswith(".weight")
         if lm_head and self.arch is not None and self.tied():
             # A tied lm_head is stored once, as the token embedding; PEFT's merge changes the
             # shared tensor, so that is the tensor to change.

@@ -104,6 +104,10 @@ def _check_inputs(adapters, method, weights, rank, energy, density, majority_sig
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise UsageError(f"{len(weights)} weights for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"--weights must be finite numbers, got {', '.join(map(str, weights))}")
+    for adapter in adapters:
+        adapter.require_supported("combine")
     if (rank is not None or energy is not None) and method != "svd":
         raise UsageError("--rank and --energy apply to --method svd only")
     if rank is not None and energy is not None:

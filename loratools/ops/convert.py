@@ -60,6 +60,7 @@ def convert_adapter(
 ) -> tuple[Adapter, ConvertReport]:
     """The adapter renamed for architecture `to` (head `head`, default its first), with every
     canonical role's ΔW unchanged."""
+    adapter.require_supported("convert")
     src_name = source or adapter.architecture
     if src_name is None:
         raise UsageError(f"cannot detect the adapter's architecture ({adapter.detection.reason}); pass --from")
@@ -123,7 +124,6 @@ def _canonical_parts(adapter: Adapter, src: Architecture, prefix: str) -> tuple[
         )
     moved = {m.base_bias_key for m in adapter.modules.values()} | {m.base_weight_key for m in adapter.modules.values()}
     unmapped += [e.key[len(PREFIX):] for e in adapter.extras if e.key not in moved]  # modules_to_save and the like
-    unmapped += [k for k in adapter.unknown_keys]
     return parts, unmapped
 
 

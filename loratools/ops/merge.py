@@ -10,6 +10,7 @@ one tensor (plus its float32 working copy) is in memory at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -19,20 +20,16 @@ from typing import Callable
 
 import torch
 
-from ..adapter import Adapter, LoraModule
+from ..adapter import Adapter, LoraModule, TrainableTokens
 from ..arch import Layout, Role
-from ..errors import ShapeError, UnsupportedError, UsageError
-from ..formats.atomic import atomic_dir, atomic_file
+from ..errors import FormatError, LoraToolsError, ShapeError, UnsupportedError, UsageError
+from ..formats.atomic import atomic_dir, atomic_file, refuse_overlap
 from ..formats.checkpoint import INDEX_NAME, Checkpoint
 from ..formats.safetensors_header import DTYPES, FLOAT_DTYPES
 from ..formats.safetensors_writer import StreamingSafetensorsWriter
+from ..formats.torch_dtypes import TORCH_DTYPES
 from .basemap import BaseNameMapper, architecture_mismatch, base_architecture
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
@@ -41,6 +38,7 @@ class TensorOps:
     """What happens to one base tensor: an optional replacement, then additive updates."""
 
     replace_key: str | None = None  # adapter key whose tensor replaces the base tensor
+    rows: list[TrainableTokens] = field(default_factory=list)  # rows replaced (trainable_token_indices)
     modules: list[LoraModule] = field(default_factory=list)  # add s·ΔW (DoRA: renormalise)
     lora_biases: list[LoraModule] = field(default_factory=list)  # add s·lora_B.bias
 
@@ -55,18 +53,25 @@ class MergePlan:
 
 
 def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: str | None = None) -> MergePlan:
-    """Map the adapter onto the base and check everything that can be checked from headers."""
+    """Map the adapter onto the base and check everything that can be checked from headers
+    (and the adapter's own values, which are small): every refusal happens here."""
     if dtype is not None and dtype not in DTYPE_CODES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CODES)}, got {dtype!r}")
+    if not math.isfinite(scale):
+        raise UsageError(f"--scale must be a finite number, got {scale}")
+    adapter.require_supported("merge", merging=True)
     _check_architectures(base, adapter)
     if scale != 1.0:
-        if any(m.magnitude_key for m in adapter.modules.values()):
-            raise UnsupportedError("--scale other than 1 is not defined for DoRA: its merge is not additive")
-        if adapter.extras:
-            kinds = ", ".join(sorted({e.kind for e in adapter.extras}))
+        for module in adapter.modules.values():
+            if module.magnitude_key or module.diag_key:
+                what = "DoRA" if module.magnitude_key else "KaSA (it truncates the base weight)"
+                raise UnsupportedError(f"--scale other than 1 is not defined for {what}: its merge is not additive")
+        if adapter.extras or adapter.trainable_tokens:
+            kinds = ", ".join(sorted({e.kind for e in adapter.extras} | ({"trainable tokens"} if adapter.trainable_tokens else set())))
             raise UnsupportedError(f"--scale other than 1 cannot scale tensors that replace base tensors ({kinds})")
-    if not adapter.modules and not adapter.extras:
+    if not adapter.modules and not adapter.extras and not adapter.trainable_tokens:
         raise ShapeError("the adapter has no LoRA modules and no extra tensors: nothing to merge")
+    _require_finite(adapter)
     mapper = BaseNameMapper(base, adapter)
     ops: dict[str, TensorOps] = {}
     for extra in adapter.extras:
@@ -74,7 +79,17 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
         want, have = adapter.tensors.meta(extra.key).shape, base.info(name).shape
         if want != have:
             raise ShapeError(f"{extra.kind} tensor {extra.key}: shape {list(want)} but base {name} is {list(have)}")
-        ops.setdefault(name, TensorOps()).replace_key = extra.key
+        op = ops.setdefault(name, TensorOps())
+        if op.replace_key is not None and not adapter.tensor(op.replace_key).equal(adapter.tensor(extra.key)):
+            raise UnsupportedError(f"{op.replace_key} and {extra.key} both replace base {name} (tied weights) with different values")
+        op.replace_key = extra.key
+    for tokens in adapter.trainable_tokens:
+        name = mapper.find(tokens.target, f"trainable tokens of {tokens.path}")
+        have, dim = base.info(name).shape, adapter.tensors.meta(tokens.key).shape[1]
+        if len(have) != 2 or have[1] != dim or max(tokens.indices, default=-1) >= have[0]:
+            raise ShapeError(f"trainable tokens of {tokens.path}: {len(tokens.indices)} rows of width {dim} up to token "
+                             f"{max(tokens.indices, default=0)} do not fit base {name} of shape {list(have)}")
+        ops.setdefault(name, TensorOps()).rows.append(tokens)
     for module in adapter.modules.values():
         name = mapper.find(f"{module.path}.weight", f"module {module.path}", lm_head=module.role is Role.LM_HEAD)
         info = base.info(name)
@@ -85,13 +100,32 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
                 f"module {module.path}: adapter expects {name} of shape {list(module.weight_shape)} "
                 f"({module.layout.value}), base has {list(info.shape)}"
             )
+        if module.diag_key and (module.layout is not Layout.LINEAR or module.rank >= min(info.shape)):
+            raise UnsupportedError(f"module {module.path}: KaSA needs an nn.Linear with r < min(in, out) (PEFT's own condition)")
         ops.setdefault(name, TensorOps()).modules.append(module)
         if module.lora_bias_key:
             bias = mapper.find(f"{module.path}.bias", f"lora_bias of {module.path}", required=False)
             if bias is None:
                 raise ShapeError(f"module {module.path}: lora_bias=True but the base layer has no bias (PEFT cannot merge it either)")
             ops.setdefault(bias, TensorOps()).lora_biases.append(module)
+    for name, op in ops.items():
+        nonadditive = [m.path for m in op.modules if m.magnitude_key or m.diag_key]
+        if op.rows and (op.modules or op.replace_key):
+            raise UnsupportedError(f"base {name} gets trainable tokens and another change (tied weights?); loratools does not combine them")
+        if nonadditive and len(op.modules) > 1:
+            raise UnsupportedError(f"base {name} is changed by {len(op.modules)} modules, one of them DoRA/KaSA ({nonadditive[0]}), "
+                                   "whose merge depends on the order (tied weights?)")
     return MergePlan(base, adapter, ops, scale, DTYPE_CODES[dtype] if dtype else None)
+
+
+def _require_finite(adapter: Adapter) -> None:
+    """PEFT's safe_merge refuses NaN/Inf; so do we, before writing anything."""
+    keys = [k for m in adapter.modules.values() for k in (m.a_key, m.b_key, m.magnitude_key, m.lora_bias_key, m.diag_key) if k]
+    keys += [e.key for e in adapter.extras] + [t.key for t in adapter.trainable_tokens]
+    for key in keys:
+        if not adapter.tensors.finite(key):
+            raise FormatError(f"{key} contains NaN or Inf (training diverged or the file is corrupt); refusing to merge it",
+                              code="non-finite")
 
 
 def _check_architectures(base: Checkpoint, adapter: Adapter) -> None:
@@ -156,26 +190,32 @@ def merge_checkpoint(
     dev = resolve_device(device)
     base = plan.base
     out = Path(out)
-    _refuse_overwriting_inputs(out, base.path, plan.adapter)
+    refuse_overlap(out, [base.path, *plan.adapter.input_paths()])
     written = 0
     if progress:
         total = sum(h.file_size - h.data_start for h in base.shards.values())
         progress = _ProgressAdapter(progress, total)
+    # Output files get the permissions of the files they mirror (mkstemp/mkdtemp would give 0600/0700).
     if base.is_file:
-        with atomic_file(out, force=force) as tmp:
+        with atomic_file(out, force=force, mode=_mode(base.path)) as tmp:
             written += _write_shard(plan, base.path, next(iter(base.shards)), tmp, dev, progress)
+            _require_unchanged(plan)
     else:
-        with atomic_dir(out, force=force) as tmp:
+        with atomic_dir(out, force=force, mode=_mode(base.path)) as tmp:
             for shard in base.shards:
                 (tmp / shard).parent.mkdir(parents=True, exist_ok=True)
                 written += _write_shard(plan, base.path / shard, shard, tmp / shard, dev, progress)
+                os.chmod(tmp / shard, _mode(base.path / shard))
             if base.index is not None:
                 (tmp / INDEX_NAME).write_text(_index_json(plan))
+                os.chmod(tmp / INDEX_NAME, _mode(base.path / INDEX_NAME))
             for rel in base.other_files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(base.path / rel, tmp / rel)  # follows Hub cache symlinks
+                os.chmod(tmp / rel, _mode(base.path / rel))
             if plan.out_dtype and (tmp / "config.json").is_file():
                 _record_dtype(tmp / "config.json", plan.out_dtype)
+            _require_unchanged(plan)
     changed = sum(1 for o in plan.ops.values() if o.modules or o.lora_biases)
     replaced = sum(1 for o in plan.ops.values() if o.replace_key and not (o.modules or o.lora_biases))
     return MergeReport(
@@ -193,6 +233,17 @@ def merge_checkpoint(
     )
 
 
+def _mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def _require_unchanged(plan: MergePlan) -> None:
+    """Every input is as it was when planned; otherwise OUT could mix two versions of it."""
+    for header in plan.base.shards.values():
+        header.check_unchanged()
+    plan.adapter.tensors.check_unchanged()
+
+
 class _ProgressAdapter:
     """Calls the user's progress(done_bytes, total_bytes) after each tensor."""
 
@@ -202,19 +253,6 @@ class _ProgressAdapter:
     def __call__(self, nbytes: int) -> None:
         self.done += nbytes
         self.callback(self.done, self.total)
-
-
-def _refuse_overwriting_inputs(out: Path, base: Path, adapter: Adapter) -> None:
-    """OUT may not be an input, contain one, or sit inside an input directory: inputs are never
-    modified. (A merged file beside a single-file base is fine.)"""
-    target = out.resolve()
-    inputs = [base.resolve()]
-    if adapter.weights_path:
-        inputs.append(Path(adapter.weights_path).resolve().parent)
-    for p in inputs:
-        inside_input_dir = p.is_dir() and target.is_relative_to(p)
-        if target == p or p.is_relative_to(target) or inside_input_dir:
-            raise UsageError(f"{out}: overlaps an input of this merge ({p}); choose another output path")
 
 
 def _out_entries(plan: MergePlan, shard: str) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -251,6 +289,7 @@ def _write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, dev: torch.d
     header = plan.base.shards[shard]
     entries = _out_entries(plan, shard)
     buffers = _Buffers()
+    header.check_unchanged()
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         writer = StreamingSafetensorsWriter(fout, entries, header.metadata or {"format": "pt"})
         for name, dtype, shape in entries:
@@ -265,6 +304,8 @@ def _write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, dev: torch.d
                     out.copy_(tensor)
                 else:
                     _apply(plan, ops, tensor, out, dev)
+                    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                        raise LoraToolsError(f"merged {name} is not finite (overflows {dtype}?); nothing was written", code="non-finite")
                 writer.write(name, out.view(torch.uint8).reshape(-1).numpy())
             if progress:
                 progress(info.end - info.start)
@@ -288,6 +329,10 @@ def _apply(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: torch.Tenso
     if ops.replace_key is not None:
         # PEFT loads a saved tensor into the existing parameter, i.e. in the base's dtype.
         base = adapter.tensor(ops.replace_key).to(base.dtype)
+    if ops.rows:
+        base = base.clone()
+        for tokens in ops.rows:  # PEFT: index_copy of the trained rows, cast to the base dtype
+            base[list(tokens.indices)] = adapter.tensor(tokens.key).to(base.dtype)
     if not (ops.modules or ops.lora_biases):
         out.copy_(base)
         return
@@ -295,6 +340,10 @@ def _apply(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: torch.Tenso
     for module in ops.modules:
         a, b = (t.to(device=dev, dtype=torch.float32) for t in adapter.factors(module.path))
         s = module.scaling * plan.scale
+        if module.diag_key is not None:
+            diag = adapter.tensor(module.diag_key).to(device=dev, dtype=torch.float32)
+            out.copy_(_kasa(base.to(device=dev, dtype=torch.float32), a, b * diag, s))
+            return
         if module.magnitude_key is not None:
             magnitude = adapter.tensor(module.magnitude_key).to(device=dev, dtype=torch.float32)
             w = _dora(base.to(device=dev, dtype=torch.float32), a, b, s, magnitude, module.layout)
@@ -327,6 +376,14 @@ def _apply(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: torch.Tenso
         for left, right, s in low_rank:
             block.addmm_(left[start:stop], right, alpha=s)
         out[start:stop].copy_(block)
+
+
+def _kasa(w: torch.Tensor, a: torch.Tensor, b_diag: torch.Tensor, s: float) -> torch.Tensor:
+    """PEFT's KaSA: the base loses its r smallest singular components, then ΔW = s·(B·diag(d))·A."""
+    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    keep = min(w.shape) - a.shape[0]
+    truncated = (u[:, :keep] * sv[:keep]) @ vh[:keep]
+    return truncated.addmm_(b_diag, a, alpha=s)
 
 
 def _dora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, magnitude: torch.Tensor, layout: Layout) -> torch.Tensor:

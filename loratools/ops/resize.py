@@ -31,6 +31,7 @@ def resize_adapter(adapter: Adapter, rank: int | None = None, energy: float | No
     """
     if (rank is None) == (energy is None):
         raise UsageError("give exactly one of --rank K or --energy T")
+    adapter.require_supported("resize")
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:

@@ -62,6 +62,7 @@ def module_spectra(adapter: Adapter, paths: Iterable[str] | None = None) -> dict
 def svd_report(adapter: Adapter, thresholds: Iterable[float] = DEFAULT_THRESHOLDS) -> dict[str, Any]:
     """The `svd --json` report (schema in the README)."""
     thresholds = tuple(thresholds)
+    adapter.require_supported("analyse", analysis=True)
     spectra = module_spectra(adapter)
     modules = []
     for path, sigma in spectra.items():

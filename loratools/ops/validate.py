@@ -20,7 +20,7 @@ from ..config import CONFIG_NAME, AdapterConfig, config_problems, pattern_value
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME
-from ..formats.tensors import SafetensorsStore, TensorStore, load_pickled_tensors
+from ..formats.tensors import SafetensorsStore, TensorStore, load_pickled_tensors, raw_values
 
 ERROR, WARNING = "error", "warning"
 
@@ -176,54 +176,29 @@ def _check_keys(adapter: Adapter, add) -> None:
 def _check_values(adapter: Adapter, add) -> None:
     """NaN/Inf anywhere, all-zero lora_B. Safetensors data is checked on its raw bits with numpy
     (no torch import, no dtype conversion); a legacy pickle is already in memory as tensors."""
-    values = _raw_values(adapter.tensors) if isinstance(adapter.tensors, SafetensorsStore) else _torch_values(adapter.tensors)
+    values = _values(adapter.tensors)
     for path, module in adapter.modules.items():
-        for key in (k for k in (module.a_key, module.b_key, module.magnitude_key, module.lora_bias_key) if k):
+        for key in (k for k in (module.a_key, module.b_key, module.magnitude_key, module.lora_bias_key, module.diag_key) if k):
             finite, nonzero = values(key)
             if not finite:
                 add("non-finite", ERROR, f"{key} contains NaN or Inf: training diverged or the file is corrupt", path)
             elif key == module.b_key and not nonzero:
                 add("zero-lora-b", WARNING, f"lora_B of {path} is all zeros: this module is untrained (ΔW = 0)", path)
-    for extra in adapter.extras:
-        meta = adapter.tensors.meta(extra.key)
+    for key, target in [(e.key, e.target) for e in adapter.extras] + [(t.key, t.target) for t in adapter.trainable_tokens]:
+        meta = adapter.tensors.meta(key)
         if meta.dtype not in ("float16", "bfloat16", "float32", "float64"):
-            add("non-float-tensor", ERROR, f"{extra.key} has dtype {meta.dtype}; expected floating point", extra.target)
-        elif not values(extra.key)[0]:
-            add("non-finite", ERROR, f"{extra.key} contains NaN or Inf", extra.target)
+            add("non-float-tensor", ERROR, f"{key} has dtype {meta.dtype}; expected floating point", target)
+        elif not values(key)[0]:
+            add("non-finite", ERROR, f"{key} contains NaN or Inf", target)
 
 
-# Float formats as bit fields: (unsigned view, exponent mask). A value is NaN/Inf when its exponent
-# bits are all ones, and ±0 when every bit but the sign is zero.
-_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF0000000000000)}
-
-
-def _raw_values(store: SafetensorsStore):
-    import numpy as np
-
-    data = np.memmap(store.path, dtype=np.uint8, mode="r", offset=store.header.data_start) if store.header.tensors else None
-
-    def check(key: str) -> tuple[bool, bool]:
-        info = store.header.tensors[key]
-        if info.dtype not in _BITS or info.end == info.start:
-            return True, info.end != info.start
-        unsigned, exponent = _BITS[info.dtype]
-        bits = data[info.start : info.end].view(unsigned)
-        exp_mask = np.array(exponent, dtype=unsigned)
-        finite = not np.any((bits & exp_mask) == exp_mask)
-        nonzero = bool(np.any(bits << np.array(1, dtype=unsigned)))  # drop the sign bit: -0 is zero too
-        return finite, nonzero
-
-    return check
-
-
-def _torch_values(store: TensorStore):
-    import torch
+def _values(store: TensorStore):
+    if isinstance(store, SafetensorsStore):
+        return lambda key: raw_values(store, key)
 
     def check(key: str) -> tuple[bool, bool]:
         tensor = store.get(key)
-        if not tensor.is_floating_point():
-            return True, bool(tensor.any())
-        return bool(torch.isfinite(tensor).all()), bool(tensor.any())
+        return store.finite(key), bool(tensor.any())
 
     return check
 
