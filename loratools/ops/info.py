@@ -28,12 +28,14 @@ def adapter_info(adapter: Adapter) -> dict[str, Any]:
                 "scaling": m.scaling,
                 "dora": m.magnitude_key is not None,
                 "lora_bias": m.lora_bias_key is not None,
+                "kasa": m.diag_key is not None,
             }
         )
     metas = {key: adapter.tensors.meta(key) for key in adapter.tensors.keys()}
     lora_keys = set()
     for m in adapter.modules.values():
-        lora_keys.update(k for k in (m.a_key, m.b_key, m.magnitude_key, m.lora_bias_key) if k)
+        lora_keys.update(k for k in (m.a_key, m.b_key, m.magnitude_key, m.lora_bias_key, m.diag_key) if k)
+    lora_keys.update(t.key for t in adapter.trainable_tokens)
     extra_kinds = {e.key: e.kind for e in adapter.extras}
     trainable = sum(
         meta.numel for key, meta in metas.items() if key in lora_keys or extra_kinds.get(key) in ("modules_to_save", "base_bias", "bias")
@@ -74,7 +76,11 @@ def adapter_info(adapter: Adapter) -> dict[str, Any]:
             {"key": e.key, "kind": e.kind, "replaces": e.target, "shape": list(metas[e.key].shape), "dtype": metas[e.key].dtype}
             for e in adapter.extras
         ],
+        "trainable_tokens": [{"module": t.path, "tokens": len(t.indices)} for t in adapter.trainable_tokens],
+        "variants": list(cfg.variants),
+        "refusals": {"merge": cfg.refusals(merging=True), "rewrite": cfg.refusals(merging=False)},
         "unknown_keys": list(adapter.unknown_keys),
+        "variant_keys": list(adapter.variant_keys),
     }
 
 
@@ -108,6 +114,13 @@ def render_info(info: dict[str, Any]) -> str:
     if info["extras"]:
         lines.append(f"extra tensors ({len(info['extras'])}):")
         lines += [f"  {e['kind']:<16} {e['replaces']:<48} {e['shape']} {e['dtype']}" for e in info["extras"]]
+    if info["variants"]:
+        lines.append(f"variants      {', '.join(info['variants'])}")
+    for t in info["trainable_tokens"]:
+        lines.append(f"tokens        {t['tokens']} trainable token rows of {t['module']}")
+    for op, reasons in (("merge", info["refusals"]["merge"]), ("convert/combine/resize", info["refusals"]["rewrite"])):
+        if reasons:
+            lines.append(f"refused by {op}: {reasons[0]}")
     if info["unknown_keys"]:
         lines.append(f"unrecognised keys ({len(info['unknown_keys'])}; neither LoRA factors nor known extras):")
         lines += [f"  {k}" for k in info["unknown_keys"][:20]]

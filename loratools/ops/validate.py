@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from ..adapter import PREFIX, Adapter
 from ..arch import Layout
-from ..config import CONFIG_NAME, AdapterConfig, config_problems, pattern_value
+from ..config import CONFIG_NAME, AdapterConfig, config_problems, pattern_value, refusals
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME
@@ -138,8 +138,10 @@ def _check_config_fields(raw: dict, add) -> AdapterConfig | None:
     for problem in problems:
         add(problem.code, ERROR, str(problem))
     targets = raw.get("target_modules")
-    if targets in (None, [], "") and not raw.get("target_parameters"):
+    if targets in ([], "") and not raw.get("target_parameters"):
         add("config-target-modules", ERROR, "target_modules is empty: PEFT would adapt nothing; list the modules trained")
+    for reason in refusals(raw, merging=True):
+        add("unsupported", WARNING, f"valid for PEFT, but loratools merge refuses it: {reason}")
     for key in sorted(set(raw) - KNOWN_CONFIG_KEYS):
         add("config-unknown-key", WARNING, f"unknown config key {key!r} (a typo, or a newer PEFT?); PEFT may reject it")
     return None if problems else AdapterConfig.from_dict(raw)

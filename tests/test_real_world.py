@@ -1,0 +1,190 @@
+"""Adapters as real PEFT writes them beyond plain LoRA: trainable tokens, tied heads, KaSA, MiCA,
+and the variants loratools refuses. Every merge is compared with PEFT's merge_and_unload on the
+same files; every refusal is one clean line with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import loratools
+from tests.broken import edit_config, replace_tensors
+from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
+from tests.peft_ref import peft_merged_state_dict
+from tests.test_merge import assert_matches_peft, merged_tensors
+from tests.tiny_models import build_base
+
+
+def tied_llama():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def peft_adapter(tmp_path, build, seed: int = 1, **config):
+    """Save a fresh base, then a PEFT adapter trained on it (every adapter weight randomised)."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    model = build()
+    model.save_pretrained(str(base_dir))  # before get_peft_model: KaSA rewrites the base in place
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, **config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name or "trainable_tokens" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    peft.save_pretrained(str(adapter_dir))
+    return base_dir, adapter_dir
+
+
+def merge_matches_peft(tmp_path, base_dir, adapter_dir):
+    out = tmp_path / "out"
+    result = run_cli("merge", base_dir, adapter_dir, out)
+    assert result.returncode == 0, result.stderr
+    ours = merged_tensors(out)
+    reference = peft_merged_state_dict("llama", base_dir, adapter_dir)
+    assert_matches_peft(ours, reference)
+    return ours, merged_tensors(base_dir)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("indices", [[1, 5, 7], {"embed_tokens": [2, 3]}])
+def test_trainable_tokens_merge_as_peft(tmp_path, tied, indices):
+    build = tied_llama if tied else (lambda: build_base("llama"))
+    base_dir, adapter_dir = peft_adapter(tmp_path, build, target_modules=["q_proj"], trainable_token_indices=indices)
+    ours, base = merge_matches_peft(tmp_path, base_dir, adapter_dir)
+    rows = indices if isinstance(indices, list) else indices["embed_tokens"]
+    changed = (ours["model.embed_tokens.weight"] != base["model.embed_tokens.weight"]).any(1).nonzero().flatten().tolist()
+    assert changed == sorted(rows)
+    info = json.loads(run_cli("info", adapter_dir, "--json").stdout)
+    assert info["trainable_tokens"] == [{"module": "model.embed_tokens", "tokens": len(rows)}]
+    assert run_cli("validate", adapter_dir).returncode == 0
+
+
+@pytest.mark.parametrize("ensure_weight_tying", [False, True])
+def test_lora_on_a_tied_lm_head_merges_as_peft(tmp_path, ensure_weight_tying):
+    """PEFT saves lm_head.base_layer.weight beside the factors (or, with ensure_weight_tying,
+    LoRA on both the embedding and the head); the base stores the head once, as the embedding,
+    and PEFT's merge changes that shared tensor."""
+    base_dir, adapter_dir = peft_adapter(tmp_path, tied_llama, target_modules=["q_proj", "lm_head"],
+                                         ensure_weight_tying=ensure_weight_tying)
+    ours, base = merge_matches_peft(tmp_path, base_dir, adapter_dir)
+    assert "lm_head.weight" not in ours
+    assert not torch.equal(ours["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0
+
+
+def test_lora_on_an_untied_lm_head_merges_as_peft(tmp_path):
+    base_dir, adapter_dir = peft_adapter(tmp_path, lambda: build_base("llama"), target_modules=["q_proj", "lm_head"])
+    merge_matches_peft(tmp_path, base_dir, adapter_dir)
+
+
+def test_kasa_merges_as_peft(tmp_path):
+    from peft.tuners.lora.config import KasaConfig
+
+    base_dir, adapter_dir = peft_adapter(tmp_path, lambda: build_base("llama"), target_modules=["q_proj", "v_proj"],
+                                         kasa_config=KasaConfig())
+    ours, base = merge_matches_peft(tmp_path, base_dir, adapter_dir)
+    assert run_cli("validate", adapter_dir).returncode == 0
+    # svd/convert/combine/resize would drop lora_diag: they refuse
+    assert_clean_error(run_cli("svd", adapter_dir), "kasa")
+    assert_clean_error(run_cli("resize", adapter_dir, tmp_path / "r", "--rank", "1"), "kasa")
+    assert not (tmp_path / "r").exists()
+
+
+def test_mica_is_plain_lora(tmp_path):
+    base_dir, adapter_dir = peft_adapter(tmp_path, lambda: build_base("llama"), target_modules=["q_proj"], init_lora_weights="mica")
+    merge_matches_peft(tmp_path, base_dir, adapter_dir)
+
+
+@pytest.mark.parametrize("variant,config,message", [
+    ("velora", {"velora_config": "VeloraConfig"}, "unsupported LoRA variant velora"),
+    ("monteclora", {"monteclora_config": "MontecloraConfig"}, "unsupported LoRA variant monteclora"),
+    ("alora", {"alora_invocation_tokens": [3, 4]}, "aLoRA"),
+    ("layer_replication", {"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
+])
+def test_variants_that_cannot_be_merged_are_refused(tmp_path, variant, config, message):
+    import peft.tuners.lora.config as lora_config
+
+    kwargs = {k: getattr(lora_config, v)() if isinstance(v, str) else v for k, v in config.items()}
+    base_dir, adapter_dir = peft_adapter(tmp_path, lambda: build_base("llama"), target_modules=["q_proj"], **kwargs)
+    assert_clean_error(run_cli("merge", base_dir, adapter_dir, tmp_path / "out"), message, code=1)
+    assert not (tmp_path / "out").exists()
+    result = run_cli("validate", adapter_dir, "--json")  # PEFT's own tensors are not "unknown"
+    codes = {f["code"] for r in json.loads(result.stdout)["results"] for f in r["findings"]}
+    assert "unknown-tensor" not in codes and "unsupported" in codes
+
+
+def test_base_modifying_init_is_refused(tmp_path):
+    adapter = tmp_path / "pissa"
+    import shutil
+
+    shutil.copytree(ADAPTERS / "llama-basic", adapter)
+    edit_config(adapter, lambda c: {**c, "init_lora_weights": "pissa_niter_4"})
+    assert_clean_error(run_cli("merge", BASES / "llama", adapter, tmp_path / "out"), "pissa_niter_4")
+    assert not (tmp_path / "out").exists()
+
+
+def _copy(tmp_path, name="llama-basic"):
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(ADAPTERS / name, dst)
+    return dst
+
+
+def test_unknown_tensors_are_refused_by_every_writing_command(tmp_path):
+    adapter = _copy(tmp_path)
+    stray = "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"
+    replace_tensors(adapter, lambda t: {**t, stray: torch.ones(2, 2)})
+    for args in (
+        ("merge", BASES / "llama", adapter, tmp_path / "o"),
+        ("convert", adapter, tmp_path / "o", "--drop-unmapped"),
+        ("combine", adapter, ADAPTERS / "llama-basic", "--out", tmp_path / "o"),
+        ("resize", adapter, tmp_path / "o", "--rank", "1"),
+    ):
+        assert_clean_error(run_cli(*args), stray)
+        assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_values_are_refused(tmp_path):
+    adapter = _copy(tmp_path)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+    def poison(t):
+        t[key][0, 0] = float("nan")
+        return t
+
+    replace_tensors(adapter, poison)
+    assert_clean_error(run_cli("merge", BASES / "llama", adapter, tmp_path / "o"), "NaN or Inf", key)
+    assert_clean_error(run_cli("merge", BASES / "llama", ADAPTERS / "llama-basic", tmp_path / "o", "--scale", "nan"), "finite", code=2)
+    assert_clean_error(run_cli("combine", ADAPTERS / "llama-basic", ADAPTERS / "llama-basic", "--out", tmp_path / "o",
+                               "--weights", "1,inf"), "finite", code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_huge_alpha_is_refused_and_overflow_is_never_written(tmp_path):
+    adapter = _copy(tmp_path)
+    edit_config(adapter, lambda c: {**c, "lora_alpha": 1e308})
+    assert_clean_error(run_cli("merge", BASES / "llama", adapter, tmp_path / "o"), "lora_alpha")
+    # A large but legal scaling overflows a float16 base: refused, nothing written.
+    base = tmp_path / "fp16"
+    build_base("llama").to(torch.float16).save_pretrained(str(base))
+    edit_config(adapter, lambda c: {**c, "lora_alpha": 1e9})
+    assert_clean_error(run_cli("merge", base, adapter, tmp_path / "o"), "not finite")
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_target_modules_null_is_valid(tmp_path):
+    adapter = _copy(tmp_path)
+    edit_config(adapter, lambda c: {**c, "target_modules": None})
+    result = run_cli("validate", adapter, "--json")
+    assert result.returncode == 0, result.stdout
+    assert loratools.load_adapter(adapter).modules
