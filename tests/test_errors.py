@@ -112,6 +112,59 @@ def no_weights(a):
     (a / WEIGHTS).unlink()
 
 
+def config_huge_int(a):
+    text = (a / CONFIG).read_text()
+    assert '"lora_alpha": 8' in text
+    (a / CONFIG).write_text(text.replace('"lora_alpha": 8', '"lora_alpha": ' + "9" * 5000))
+
+
+def config_deeply_nested(a):
+    (a / CONFIG).write_text("[" * 100_000 + "]" * 100_000)
+
+
+def header_deeply_nested(a):
+    from tests.broken import split_safetensors
+
+    _, data = split_safetensors(a / WEIGHTS)
+    blob = b"[" * 100_000 + b"]" * 100_000
+    (a / WEIGHTS).write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+def header_huge_int(a):
+    def edit(h):
+        h[Q0 + ".lora_A.weight"]["shape"] = "HUGE"
+        return h
+
+    edit_header(a, edit)
+    raw = (a / WEIGHTS).read_bytes().replace(b'"HUGE"', b"[" + b"7" * 5000 + b"]")
+    n = int.from_bytes(raw[:8], "little") + 5000 + 2 - len('"HUGE"')
+    (a / WEIGHTS).write_bytes(n.to_bytes(8, "little") + raw[8:])
+
+
+def metadata_not_strings(a):
+    edit_header(a, lambda h: {**h, "__metadata__": {"format": 1}})
+
+
+def too_many_tensors(a):
+    from tests.broken import split_safetensors, write_safetensors
+
+    header, data = split_safetensors(a / WEIGHTS)
+    header.update({f"empty.{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(200_001)})
+    write_safetensors(a / WEIGHTS, header, data)
+
+
+def pattern_inline_flag(a):  # Python 3.11's re (PEFT's engine) rejects global flags mid-pattern
+    edit_config(a, lambda c: {**c, "rank_pattern": {"(?i)Q_PROJ": 8}})
+
+
+def too_many_patterns(a):
+    edit_config(a, lambda c: {**c, "rank_pattern": {f"layers\\.{i}\\.nothing": 8 for i in range(100_000)}})
+
+
+def target_modules_bad_regex(a):
+    edit_config(a, lambda c: {**c, "target_modules": ".*(q_proj"})
+
+
 BROKEN = {
     truncate: "truncated",
     garbage_header: "header is not valid JSON",
@@ -134,6 +187,15 @@ BROKEN = {
     integer_factor: "must be floating point",
     factors_disagree: "disagree on the rank",
     no_weights: "no adapter_model.safetensors",
+    config_huge_int: "not valid JSON",
+    config_deeply_nested: "not valid JSON (nested too deeply)",
+    header_deeply_nested: "header is not valid JSON",
+    header_huge_int: "header is not valid JSON",
+    metadata_not_strings: "__metadata__ must map strings to strings",
+    too_many_tensors: "more than 200000",
+    pattern_inline_flag: "not a valid regex",
+    too_many_patterns: "more than 20000",
+    target_modules_bad_regex: "target_modules",
 }
 
 
@@ -191,3 +253,71 @@ def test_garbage_bin(tmp_path):
 def test_json_output_is_json(tmp_path):
     result = run_cli("info", "--json", copy_adapter(tmp_path))
     assert result.returncode == 0 and json.loads(result.stdout)["num_modules"] == 14
+
+
+def test_broken_adapter_is_a_finding_in_validate(tmp_path):
+    """The same breakages, given to validate beside a good adapter: each is a finding with a stable
+    code, the good one still passes, and the JSON report has both."""
+    for mutate in BROKEN:
+        adapter = copy_adapter(tmp_path / mutate.__name__)
+        mutate(adapter)
+        result = run_cli("validate", "--json", adapter, copy_adapter(tmp_path / f"{mutate.__name__}-good"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        bad, good = json.loads(result.stdout)["results"]
+        assert good["ok"] and not bad["ok"], mutate.__name__
+        assert all(f["code"] not in ("internal-error", "error") for f in bad["findings"]), bad
+
+
+def test_catastrophic_patterns_do_not_hang(tmp_path):
+    """With Python's re, `(.*)*x` takes minutes per module path; loratools matches with a timeout."""
+    adapter = copy_adapter(tmp_path)
+    edit_config(adapter, lambda c: {**c, "rank_pattern": {"(.*)*x": 4, "(a+)+$": 4}, "alpha_pattern": {"(\\w+\\.?)+z": 2}})
+    for args in (["info", adapter], ["validate", adapter]):
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+
+
+def test_a_pattern_that_times_out_is_a_clean_error():
+    from loratools.config import pattern_matches
+    from loratools.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="too long to match"):
+        pattern_matches("(a|a)*b", "base_model.model.model.layers.10.self_attn." + "a" * 28 + "_proj")
+
+
+def test_zip_bomb_bin_is_refused_before_loading(tmp_path):
+    import zipfile
+
+    adapter = copy_adapter(tmp_path, "llama-legacy-bin")
+    with zipfile.ZipFile(adapter / "adapter_model.bin", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({}))
+        archive.writestr("archive/data/0", b"\0" * (64 << 20))
+    assert (adapter / "adapter_model.bin").stat().st_size < 1 << 20
+    result = run_cli("info", adapter)
+    assert_clean_error(result, "expand to", code=1)
+    result = run_cli("validate", "--json", adapter)
+    assert result.returncode == 1 and "pickle-refused" in result.stdout
+
+
+def test_text_bin_is_a_clean_error(tmp_path):
+    adapter = copy_adapter(tmp_path, "llama-legacy-bin")
+    (adapter / "adapter_model.bin").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n")
+    assert_clean_error(run_cli("info", adapter), "adapter_model.bin", code=1)
+    assert "pickle-refused" in run_cli("validate", "--json", adapter).stdout
+
+
+def test_one_crashing_adapter_does_not_empty_the_report(tmp_path, monkeypatch):
+    from loratools.ops import validate as validate_mod
+
+    real = validate_mod.validate
+
+    def flaky(path, base=None):
+        if "second" in str(path):
+            raise RuntimeError("boom")
+        return real(path, base)
+
+    monkeypatch.setattr(validate_mod, "validate", flaky)
+    paths = [copy_adapter(tmp_path / name) for name in ("first", "second", "third")]
+    results = validate_mod.validate_many(paths)
+    assert [r.ok() for r in results] == [True, False, True]
+    assert results[1].findings[0].code == "internal-error"

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, FormatError, InputNotFoundError
+from .json_text import parse_json
 from .safetensors_header import Header, TensorInfo, read_header
 
 SINGLE_NAME = "model.safetensors"
@@ -98,8 +98,8 @@ def _files(root: Path) -> list[str]:
 
 def _read_json(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = parse_json(path.read_bytes())
+    except ValueError as exc:
         raise ConfigError(f"{path.name}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{path.name}: expected a JSON object")

@@ -144,6 +144,7 @@ def load_pickled_tensors(path: str | os.PathLike) -> MemoryStore:
     import torch
 
     name = os.path.basename(os.fspath(path))
+    _refuse_zip_bomb(path, name)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the verdict is what matters
             warnings.simplefilter("ignore")
@@ -156,9 +157,30 @@ def load_pickled_tensors(path: str | os.PathLike) -> MemoryStore:
             f"{name}: refused to unpickle ({why}); loratools loads .bin files with weights_only=True only. "
             "Re-save the adapter as safetensors with a trusted tool"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError, MemoryError, RecursionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FormatError(f"{name}: not a readable torch checkpoint ({first[:200]})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise FormatError(f"{name}: expected a dict of name -> tensor, got {type(obj).__name__}")
     return MemoryStore(obj)
+
+
+def _refuse_zip_bomb(path: str | os.PathLike, name: str) -> None:
+    """torch.save writes an uncompressed zip: its members add up to about the file's size. A member
+    that claims to expand far beyond that is a zip bomb, refused before torch reads it."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise FormatError(f"{name}: not a readable torch checkpoint ({exc})") from None
+    size = os.path.getsize(path)
+    expanded = sum(m.file_size for m in members)
+    if expanded > 2 * size + (1 << 20) or any(m.compress_type != zipfile.ZIP_STORED for m in members):
+        raise FormatError(
+            f"{name}: zip members expand to {expanded:,} bytes from a {size:,}-byte file (torch.save never compresses); refused",
+            code="pickle-refused",
+        )

@@ -6,6 +6,7 @@ from ..adapter import Adapter
 from ..arch import ARCHITECTURES, Role, detect_from_config, locate
 from ..errors import ConfigError, ShapeError
 from ..formats.checkpoint import Checkpoint
+from ..formats.safetensors_header import TensorInfo
 
 
 def base_architecture(base: Checkpoint) -> str | None:
@@ -20,6 +21,14 @@ def architecture_mismatch(base: Checkpoint, adapter: Adapter) -> ConfigError | N
         return ConfigError(f"the adapter is for {adapter.architecture} but the base is {base_arch} (config.json)",
                            code="base-architecture")
     return None
+
+
+def unmergeable_dtype(info: TensorInfo) -> str | None:
+    """Why a base weight of this dtype cannot take a ΔW (quantized or packed), or None."""
+    if info.dtype in ("F64", "F32", "F16", "BF16"):
+        return None
+    kind = "FP8" if info.dtype.startswith("F8") else "integer/packed (a quantized checkpoint?)"
+    return f"{info.dtype}, {kind}; only float16/bfloat16/float32/float64 bases can be merged"
 
 
 class BaseNameMapper:

@@ -28,7 +28,7 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint
 from ..formats.safetensors_header import DTYPES, FLOAT_DTYPES
 from ..formats.safetensors_writer import StreamingSafetensorsWriter
 from ..formats.torch_dtypes import TORCH_DTYPES
-from .basemap import BaseNameMapper, architecture_mismatch, base_architecture
+from .basemap import BaseNameMapper, architecture_mismatch, base_architecture, unmergeable_dtype
 
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -93,8 +93,8 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
     for module in adapter.modules.values():
         name = mapper.find(f"{module.path}.weight", f"module {module.path}", lm_head=module.role is Role.LM_HEAD)
         info = base.info(name)
-        if info.dtype not in FLOAT_DTYPES or info.dtype.startswith("F8"):
-            raise UnsupportedError(f"module {module.path}: base {name} is {info.dtype}; only float16/bfloat16/float32/float64 bases can be merged")
+        if unmergeable_dtype(info):
+            raise UnsupportedError(f"module {module.path}: base {name} is {unmergeable_dtype(info)}", code="base-dtype")
         if tuple(info.shape) != module.weight_shape:
             raise ShapeError(
                 f"module {module.path}: adapter expects {name} of shape {list(module.weight_shape)} "

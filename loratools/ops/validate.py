@@ -7,7 +7,6 @@ to fix each) in the README.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ from ..arch import Layout
 from ..config import CONFIG_NAME, AdapterConfig, config_problems, pattern_value, refusals
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats.json_text import parse_json
 from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME
 from ..formats.tensors import SafetensorsStore, TensorStore, load_pickled_tensors, raw_values
 
@@ -100,8 +100,8 @@ def _check_config_file(path: Path, add) -> dict | None:
         add("config-missing", ERROR, f"no {CONFIG_NAME}: PEFT cannot load the adapter without it; save it with the weights")
         return None
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = parse_json(path.read_bytes())
+    except ValueError as exc:
         add("config-json", ERROR, f"{CONFIG_NAME} is not valid JSON ({exc}); fix or re-save it")
         return None
     if not isinstance(raw, dict):
@@ -206,7 +206,7 @@ def _values(store: TensorStore):
 
 
 def _check_against_base(adapter: Adapter, base: Checkpoint, add) -> None:
-    from .basemap import BaseNameMapper, architecture_mismatch
+    from .basemap import BaseNameMapper, architecture_mismatch, unmergeable_dtype
 
     mismatch = architecture_mismatch(base, adapter)
     if mismatch:
@@ -218,6 +218,10 @@ def _check_against_base(adapter: Adapter, base: Checkpoint, add) -> None:
             name = mapper.find(f"{path}.weight", f"module {path}", lm_head=module.role is not None and module.role.value == "lm_head")
         except LoraToolsError as exc:
             add("base-missing-module", ERROR, str(exc), path)
+            continue
+        problem = unmergeable_dtype(base.info(name))
+        if problem:
+            add("base-dtype", ERROR, f"module {path}: base {name} is {problem}", path)
             continue
         have = tuple(base.info(name).shape)
         if have != module.weight_shape:
@@ -247,7 +251,19 @@ def adapter_dirs(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def validate_many(paths: Iterable[str | os.PathLike], base: str | os.PathLike | None = None) -> list[Result]:
     checkpoint = open_checkpoint(base) if base is not None else None
-    return [validate(p, checkpoint) for p in adapter_dirs(paths)]
+    return [validate_guarded(p, checkpoint) for p in adapter_dirs(paths)]
+
+
+def validate_guarded(path: str | os.PathLike, base: Checkpoint | None = None) -> Result:
+    """validate(), with any error it did not turn into a finding reported as one: one broken
+    adapter never hides the results of the others."""
+    try:
+        return validate(path, base)
+    except LoraToolsError as exc:
+        return Result(str(path), [Finding(exc.code, ERROR, None, str(exc))])
+    except (Exception, RecursionError) as exc:  # a check that failed to anticipate this input
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        return Result(str(path), [Finding("internal-error", ERROR, None, f"unexpected {type(exc).__name__}: {first}")])
 
 
 def report(results: list[Result], strict: bool = False) -> dict[str, Any]:
