@@ -9,7 +9,7 @@ from typing import Iterable
 from ..adapter import Adapter
 from ..config import CONFIG_NAME, config_json, read_config
 from ..errors import FormatError, InputNotFoundError
-from .atomic import atomic_dir, refuse_overlap
+from .atomic import atomic_dir, default_mode, refuse_overlap
 from .tensors import SafetensorsStore, TensorStore, load_pickled_tensors
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -55,6 +55,7 @@ def write_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False,
     with atomic_dir(out, force=force) as tmp:
         (tmp / CONFIG_NAME).write_text(config_json(adapter.config.raw))
         save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        os.chmod(tmp / SAFETENSORS_NAME, default_mode(directory=False))  # safetensors creates it 0600
     return Path(out)
 
 
