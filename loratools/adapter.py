@@ -96,11 +96,13 @@ class Adapter:
         source: str | None = None,
         weights_path: str | None = None,
         collect_problems: bool = False,
+        model_type: str | None = None,
     ):
         """collect_problems=False (the default): the first structural problem raises.
         True: problems are recorded in `self.problems` (with the module concerned) and the
         offending module is left out — how `validate` sees every problem at once."""
         self._collect = collect_problems
+        self.model_type = model_type  # the base's family, when known: evidence module names are not
         self.problems: list[tuple[str | None, LoraToolsError]] = []
         self.config = config
         self.tensors = tensors
@@ -144,7 +146,7 @@ class Adapter:
                 plain.append(key)
         lora_paths = [p for p, ps in parts.items() if _factor_parts(ps)]
         extra_paths = [k[len(PREFIX) :].rsplit(".", 1)[0] for k in plain]
-        self.detection = detect_from_paths(lora_paths, self.config.base_model_class, extra_paths)
+        self.detection = detect_from_paths(lora_paths, self.config.base_model_class, extra_paths, model_type=self.model_type)
         for path, ps in parts.items():
             if _factor_parts(ps):
                 module = self._build_module(path, ps)
@@ -314,6 +316,12 @@ class Adapter:
             raise UnsupportedError(f"cannot {operation} {self.source or 'the adapter'}: {reasons[0]}", code="unsupported")
 
     # ---- tensors ---------------------------------------------------------------------------
+
+    def for_model_type(self, model_type: str) -> "Adapter":
+        """The same adapter re-read knowing its base's model_type (which decides, for example,
+        whether GPT-2-named modules are Conv1D as in GPT-2 or nn.Linear as in StarCoder)."""
+        return Adapter(self.config, self.tensors, source=self.source, weights_path=self.weights_path,
+                       collect_problems=self._collect, model_type=model_type)
 
     def input_paths(self) -> list[str]:
         """The directory this adapter was read from (what outputs must not overwrite)."""

@@ -8,7 +8,7 @@ from typing import Iterable
 
 from .adapter import Adapter
 from .formats.peft_dir import read_adapter, write_adapter
-from .hub import ADAPTER_PATTERNS, resolve
+from .hub import ADAPTER_PATTERNS, local_model_type, resolve
 
 
 def load_adapter(spec: str | os.PathLike) -> Adapter:
@@ -16,6 +16,15 @@ def load_adapter(spec: str | os.PathLike) -> Adapter:
     id (`org/name[@revision]`). Reads the config and the header only; tensors load on demand."""
     adapter = read_adapter(resolve(spec, allow_patterns=ADAPTER_PATTERNS))
     adapter.source = os.fspath(spec)  # reports name what the user asked for (a repo id stays a repo id)
+    if not adapter.detection.family_known:
+        # Module names leave the family open (LLaMA, Qwen2, Mistral... name them alike): the base's
+        # config.json, if this machine has it, says which it is.
+        model_type = local_model_type(adapter.config.base_model_name_or_path)
+        if model_type:
+            matched = adapter.for_model_type(model_type)
+            if matched.detection.family_known:
+                matched.source = adapter.source
+                return matched
     return adapter
 
 

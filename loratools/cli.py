@@ -193,14 +193,21 @@ def validate(adapters, base, as_json, strict) -> None:
     sys.exit(0 if all(r.ok(strict) for r in results) else 1)
 
 
-ARCH_CHOICES = click.Choice(["llama", "gpt2", "bert"])
+def _convert_schemes() -> list[str]:
+    from .arch import CONVERT_SCHEMES
+
+    return list(CONVERT_SCHEMES)
+
+
+ARCH_CHOICES = click.Choice(_convert_schemes())
+DEFAULT_TARGET = _convert_schemes()[0]
 
 
 @main.command()
 @click.argument("adapter")
 @click.argument("out", type=click.Path())
 @click.option("--from", "source", type=ARCH_CHOICES, help="Source naming scheme [default: detected].")
-@click.option("--to", "target", type=ARCH_CHOICES, default="llama", show_default=True, help="Target naming scheme.")
+@click.option("--to", "target", type=ARCH_CHOICES, default=DEFAULT_TARGET, show_default=True, help="Target naming scheme.")
 @click.option("--prefix", "head", help="Target head class family, e.g. causal-lm, base, sequence-classification [default: the target's first].")
 @click.option("--drop-unmapped", is_flag=True, help="Drop modules with no counterpart instead of failing.")
 @click.option("--base-model", help="base_model_name_or_path for the new config [default: cleared].")

@@ -57,3 +57,30 @@ def resolve(
         raise HubError(f"{spec}: Hub request failed ({str(exc).splitlines()[0]})") from None
     except (OSError, ValueError) as exc:
         raise HubError(f"{spec}: could not resolve as a Hub repo ({exc})") from None
+
+
+def local_model_type(name: str | None) -> str | None:
+    """The model_type of the base an adapter names (base_model_name_or_path), when its config.json
+    is already on this machine: a local directory, or the Hub cache. Never downloads; any problem
+    just means "not known"."""
+    if not isinstance(name, str) or not name or len(name) > 300:
+        return None
+    try:
+        config = Path(name).expanduser() / "config.json"
+        if not config.is_file():
+            if not _REPO_ID.match(name):
+                return None
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+            if not isinstance(cached, str):
+                return None
+            config = Path(cached)
+        if config.stat().st_size > 10_000_000:
+            return None
+        from .formats.json_text import parse_json
+
+        model_type = parse_json(config.read_bytes()).get("model_type")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return model_type if isinstance(model_type, str) else None

@@ -103,7 +103,8 @@ def _lora_contributions(model, x_by_in: dict[int, torch.Tensor]) -> dict[tuple, 
 
     out = {}
     inner = model.base_model.model
-    arch = loratools.arch.detect_from_paths([n for n, m in inner.named_modules() if isinstance(m, LoraLayer)])
+    paths = [n for n, m in inner.named_modules() if isinstance(m, LoraLayer)]
+    arch = loratools.arch.detect_from_paths(paths, class_name=type(inner).__name__)
     for name, module in inner.named_modules():
         if not isinstance(module, LoraLayer) or module.lora_embedding_A:
             continue

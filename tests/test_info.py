@@ -14,9 +14,10 @@ TOP_LEVEL_KEYS = {
     "schema_version", "adapter", "architecture", "architecture_note", "head", "peft_type", "base_model_name_or_path",
     "r", "lora_alpha", "scaling", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "bias", "rank_pattern",
     "alpha_pattern", "target_modules", "roles", "num_modules", "trainable_parameters", "total_parameters", "dtypes",
-    "file", "modules", "extras", "unknown_keys",
+    "file", "modules", "extras", "unknown_keys", "family_known", "naming", "trainable_tokens", "variants", "refusals",
+    "variant_keys",
 }
-MODULE_KEYS = {"name", "role", "layer", "layout", "weight_shape", "rank", "alpha", "scaling", "dora", "lora_bias"}
+MODULE_KEYS = {"name", "role", "layer", "layout", "weight_shape", "rank", "alpha", "scaling", "dora", "lora_bias", "kasa"}
 
 
 def info_json(name: str) -> dict:

@@ -14,6 +14,8 @@ class Role(str, Enum):
     FFN_UP = "ffn_up"
     FFN_GATE = "ffn_gate"
     FFN_DOWN = "ffn_down"
+    FFN_GATE_UP = "ffn_gate_up"  # a fused gate+up projection (Phi-3's gate_up_proj)
+    CROSS_ATTN = "cross_attn"  # encoder-decoder attention (T5's decoder)
     TOKEN_EMBED = "token_embed"
     # Known modules with no counterpart in the other families (never converted).
     POS_EMBED = "pos_embed"

@@ -33,10 +33,19 @@ class Head:
 
 @dataclass(frozen=True)
 class Architecture:
-    name: str
+    name: str  # the family, as reported (usually its model_type)
     model_types: tuple[str, ...]  # config.json "model_type" values
     heads: tuple[Head, ...]  # the first one is the default target for conversion
     modules: tuple[ModuleTemplate, ...]
+    # Families whose module paths are identical share a naming scheme: module names alone cannot
+    # tell them apart (Qwen2 from LLaMA, StarCoder's gpt_bigcode from GPT-2); evidence of the family
+    # (the recorded model class, the base's model_type) has to.
+    naming: str = ""
+    convertible: bool = False  # `convert` knows how to split/join this family's modules
+
+    @property
+    def scheme(self) -> str:
+        return self.naming or self.name
 
     def head(self, name: str) -> Head:
         for head in self.heads:
@@ -81,6 +90,118 @@ LLAMA = Architecture(
         ModuleTemplate(Role.CLASSIFIER, "score", L, in_head=True),
         ModuleTemplate(Role.CLASSIFIER, "qa_outputs", L, in_head=True),
     ),
+    naming="llama",
+    convertible=True,
+)
+
+
+def _llama_named(name: str, class_stem: str, model_types: tuple[str, ...] = ()) -> Architecture:
+    """A family that names its modules exactly as LLaMA does (all nn.Linear): same table, its own classes."""
+    heads = tuple(
+        Head(h.name, h.prefix, tuple(c.replace("Llama", class_stem, 1) for c in h.classes), h.head_modules) for h in LLAMA.heads
+    )
+    return Architecture(name, model_types or (name,), heads, LLAMA.modules, naming="llama", convertible=True)
+
+
+MISTRAL = _llama_named("mistral", "Mistral")
+QWEN2 = _llama_named("qwen2", "Qwen2")
+QWEN3 = _llama_named("qwen3", "Qwen3")
+GEMMA = _llama_named("gemma", "Gemma")
+GEMMA2 = _llama_named("gemma2", "Gemma2")
+GEMMA3 = _llama_named("gemma3_text", "Gemma3", ("gemma3_text",))
+GEMMA3 = Architecture(  # Gemma3ForCausalLM's backbone class is Gemma3TextModel
+    GEMMA3.name, GEMMA3.model_types,
+    tuple(Head(h.name, h.prefix, tuple(c.replace("Gemma3Model", "Gemma3TextModel") for c in h.classes), h.head_modules) for h in GEMMA3.heads),
+    GEMMA3.modules, naming="llama", convertible=True,
+)
+
+PHI3 = Architecture(
+    name="phi3",
+    model_types=("phi3",),
+    heads=(Head("causal-lm", "model.", ("Phi3ForCausalLM",), ("lm_head",)), Head("base", "", ("Phi3Model",))),
+    modules=(
+        # q, k, v in one Linear (unequal parts under GQA), gate and up in another
+        ModuleTemplate(Role.ATTN_QKV, "layers.{layer}.self_attn.qkv_proj", L),
+        ModuleTemplate(Role.ATTN_OUT, "layers.{layer}.self_attn.o_proj", L),
+        ModuleTemplate(Role.FFN_GATE_UP, "layers.{layer}.mlp.gate_up_proj", L),
+        ModuleTemplate(Role.FFN_DOWN, "layers.{layer}.mlp.down_proj", L),
+        ModuleTemplate(Role.TOKEN_EMBED, "embed_tokens", E),
+        ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
+    ),
+)
+
+GPT_NEOX = Architecture(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    heads=(Head("causal-lm", "gpt_neox.", ("GPTNeoXForCausalLM",), ("embed_out", "lm_head")), Head("base", "", ("GPTNeoXModel",))),
+    modules=(
+        ModuleTemplate(Role.ATTN_QKV, "layers.{layer}.attention.query_key_value", L),  # interleaved per head
+        ModuleTemplate(Role.ATTN_OUT, "layers.{layer}.attention.dense", L),
+        ModuleTemplate(Role.FFN_UP, "layers.{layer}.mlp.dense_h_to_4h", L),
+        ModuleTemplate(Role.FFN_DOWN, "layers.{layer}.mlp.dense_4h_to_h", L),
+        ModuleTemplate(Role.TOKEN_EMBED, "embed_in", E),
+        ModuleTemplate(Role.LM_HEAD, "embed_out", L, in_head=True),  # named lm_head by transformers 5
+        ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
+    ),
+)
+
+FALCON = Architecture(
+    name="falcon",
+    model_types=("falcon",),
+    heads=(Head("causal-lm", "transformer.", ("FalconForCausalLM",), ("lm_head",)), Head("base", "", ("FalconModel",))),
+    modules=(
+        ModuleTemplate(Role.ATTN_QKV, "h.{layer}.self_attention.query_key_value", L),
+        ModuleTemplate(Role.ATTN_OUT, "h.{layer}.self_attention.dense", L),
+        ModuleTemplate(Role.FFN_UP, "h.{layer}.mlp.dense_h_to_4h", L),
+        ModuleTemplate(Role.FFN_DOWN, "h.{layer}.mlp.dense_4h_to_h", L),
+        ModuleTemplate(Role.TOKEN_EMBED, "word_embeddings", E),
+        ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
+    ),
+)
+
+OPT = Architecture(
+    name="opt",
+    model_types=("opt",),
+    heads=(Head("causal-lm", "model.decoder.", ("OPTForCausalLM",), ("lm_head",)), Head("base", "decoder.", ("OPTModel",))),
+    modules=(
+        ModuleTemplate(Role.ATTN_Q, "layers.{layer}.self_attn.q_proj", L),
+        ModuleTemplate(Role.ATTN_K, "layers.{layer}.self_attn.k_proj", L),
+        ModuleTemplate(Role.ATTN_V, "layers.{layer}.self_attn.v_proj", L),
+        ModuleTemplate(Role.ATTN_OUT, "layers.{layer}.self_attn.out_proj", L),
+        ModuleTemplate(Role.FFN_UP, "layers.{layer}.fc1", L),
+        ModuleTemplate(Role.FFN_DOWN, "layers.{layer}.fc2", L),
+        ModuleTemplate(Role.TOKEN_EMBED, "embed_tokens", E),
+        ModuleTemplate(Role.POS_EMBED, "embed_positions", E),
+        ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
+    ),
+)
+
+T5 = Architecture(  # encoder-decoder: block {layer} of the encoder and of the decoder are different modules
+    name="t5",
+    model_types=("t5", "mt5"),
+    heads=(Head("seq2seq-lm", "", ("T5ForConditionalGeneration", "MT5ForConditionalGeneration", "T5Model", "MT5Model"), ("lm_head",)),),
+    modules=tuple(
+        ModuleTemplate(role, f"{stack}.block.{{layer}}.layer.{sub}", L)
+        for stack in ("encoder", "decoder")
+        for sub, role in (
+            ("0.SelfAttention.q", Role.ATTN_Q), ("0.SelfAttention.k", Role.ATTN_K), ("0.SelfAttention.v", Role.ATTN_V),
+            ("0.SelfAttention.o", Role.ATTN_OUT),
+            *((("1.EncDecAttention.q", Role.CROSS_ATTN), ("1.EncDecAttention.k", Role.CROSS_ATTN), ("1.EncDecAttention.v", Role.CROSS_ATTN),
+               ("1.EncDecAttention.o", Role.CROSS_ATTN)) if stack == "decoder" else ()),
+            (f"{1 if stack == 'encoder' else 2}.DenseReluDense.wi", Role.FFN_UP),
+            (f"{1 if stack == 'encoder' else 2}.DenseReluDense.wi_0", Role.FFN_GATE),
+            (f"{1 if stack == 'encoder' else 2}.DenseReluDense.wi_1", Role.FFN_UP),
+            (f"{1 if stack == 'encoder' else 2}.DenseReluDense.wo", Role.FFN_DOWN),
+        )
+    ) + tuple(
+        ModuleTemplate(Role.POS_EMBED, f"{stack}.block.{{layer}}.layer.0.SelfAttention.relative_attention_bias", E)
+        for stack in ("encoder", "decoder")
+    ) + (
+        ModuleTemplate(Role.TOKEN_EMBED, "shared", E),
+        ModuleTemplate(Role.TOKEN_EMBED, "encoder.embed_tokens", E),  # tied to shared
+        ModuleTemplate(Role.TOKEN_EMBED, "decoder.embed_tokens", E),
+        ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
+    ),
 )
 
 GPT2 = Architecture(
@@ -105,6 +226,49 @@ GPT2 = Architecture(
         ModuleTemplate(Role.CLASSIFIER, "score", L, in_head=True),
         ModuleTemplate(Role.CLASSIFIER, "classifier", L, in_head=True),
         ModuleTemplate(Role.CLASSIFIER, "qa_outputs", L, in_head=True),
+    ),
+    naming="gpt2",
+    convertible=True,
+)
+
+# StarCoder (1): GPT-2's module names, but every layer is an nn.Linear (weight (out, in)) and c_attn
+# is q plus one shared k, v head (multi-query). Only the family says which orientation ΔW has.
+GPT_BIGCODE = Architecture(
+    name="gpt_bigcode",
+    model_types=("gpt_bigcode",),
+    heads=(
+        Head("causal-lm", "transformer.", ("GPTBigCodeForCausalLM",), ("lm_head",)),
+        Head("sequence-classification", "transformer.", ("GPTBigCodeForSequenceClassification",), ("score",)),
+        Head("token-classification", "transformer.", ("GPTBigCodeForTokenClassification",), ("classifier",)),
+        Head("base", "", ("GPTBigCodeModel",)),
+    ),
+    modules=(
+        ModuleTemplate(Role.ATTN_QKV, "h.{layer}.attn.c_attn", L),
+        ModuleTemplate(Role.ATTN_OUT, "h.{layer}.attn.c_proj", L),
+        ModuleTemplate(Role.FFN_UP, "h.{layer}.mlp.c_fc", L),
+        ModuleTemplate(Role.FFN_DOWN, "h.{layer}.mlp.c_proj", L),
+        ModuleTemplate(Role.TOKEN_EMBED, "wte", E),
+        ModuleTemplate(Role.POS_EMBED, "wpe", E),
+        ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
+        ModuleTemplate(Role.CLASSIFIER, "score", L, in_head=True),
+        ModuleTemplate(Role.CLASSIFIER, "classifier", L, in_head=True),
+    ),
+    naming="gpt2",
+)
+
+STARCODER2 = Architecture(
+    name="starcoder2",
+    model_types=("starcoder2",),
+    heads=(Head("causal-lm", "model.", ("Starcoder2ForCausalLM",), ("lm_head",)), Head("base", "", ("Starcoder2Model",))),
+    modules=(
+        ModuleTemplate(Role.ATTN_Q, "layers.{layer}.self_attn.q_proj", L),
+        ModuleTemplate(Role.ATTN_K, "layers.{layer}.self_attn.k_proj", L),
+        ModuleTemplate(Role.ATTN_V, "layers.{layer}.self_attn.v_proj", L),
+        ModuleTemplate(Role.ATTN_OUT, "layers.{layer}.self_attn.o_proj", L),
+        ModuleTemplate(Role.FFN_UP, "layers.{layer}.mlp.c_fc", L),
+        ModuleTemplate(Role.FFN_DOWN, "layers.{layer}.mlp.c_proj", L),
+        ModuleTemplate(Role.TOKEN_EMBED, "embed_tokens", E),
+        ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
     ),
 )
 
@@ -144,9 +308,18 @@ BERT = Architecture(
         ModuleTemplate(Role.LM_HEAD_TRANSFORM, "cls.predictions.transform.dense", L, in_head=True),
         ModuleTemplate(Role.LM_HEAD, "cls.predictions.decoder", L, in_head=True),
     ),
+    naming="bert",
+    convertible=True,
 )
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, GPT2, BERT)}
+# Order matters within a naming scheme: the first family is reported when the adapter records no
+# family and every family of the scheme stores its weights the same way.
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, GPT_BIGCODE, STARCODER2, GPT_NEOX, FALCON, OPT, T5, BERT)
+}
+# The naming schemes `convert` reads and writes (--from / --to), each by its first family.
+CONVERT_SCHEMES = ("llama", "gpt2", "bert")
 
 
 def get_architecture(name: str) -> Architecture:

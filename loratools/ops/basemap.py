@@ -14,13 +14,21 @@ def base_architecture(base: Checkpoint) -> str | None:
     return detect_from_config(base.config).architecture if base.config else None
 
 
-def architecture_mismatch(base: Checkpoint, adapter: Adapter) -> ConfigError | None:
-    """The error to report when adapter and base are known to be of different families."""
+def adapter_for_base(base: Checkpoint, adapter: Adapter) -> Adapter:
+    """The adapter as it applies to this base: re-read with the base's model_type (config.json),
+    which is what decides the family when module names alone cannot. Raises when adapter and base
+    are of different families (or the names do not fit the base's family)."""
     base_arch = base_architecture(base)
-    if base_arch and adapter.architecture and base_arch != adapter.architecture:
-        return ConfigError(f"the adapter is for {adapter.architecture} but the base is {base_arch} (config.json)",
-                           code="base-architecture")
-    return None
+    if base_arch is None:
+        return adapter
+    det = adapter.detection
+    if det.known and (det.family_known or det.scheme != ARCHITECTURES[base_arch].scheme) and det.architecture != base_arch:
+        raise ConfigError(f"the adapter is for {det.architecture} but the base is {base_arch} (config.json)", code="base-architecture")
+    matched = adapter.for_model_type(base_arch)
+    if matched.detection.known and matched.architecture != base_arch:
+        raise ConfigError(f"the adapter's module names are {matched.architecture}'s, but the base is {base_arch} (config.json)",
+                          code="base-architecture")
+    return matched
 
 
 def unmergeable_dtype(info: TensorInfo) -> str | None:

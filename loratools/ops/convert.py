@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..adapter import PREFIX, Adapter
-from ..arch import Architecture, Layout, Role, get_architecture, locate
+from ..arch import CONVERT_SCHEMES, Architecture, Head, Layout, Role, get_architecture, locate
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
 
@@ -52,7 +52,7 @@ class ConvertReport:
 
 def convert_adapter(
     adapter: Adapter,
-    to: str = "llama",
+    to: str = CONVERT_SCHEMES[0],
     source: str | None = None,
     head: str | None = None,
     drop_unmapped: bool = False,
@@ -65,6 +65,10 @@ def convert_adapter(
     if src_name is None:
         raise UsageError(f"cannot detect the adapter's architecture ({adapter.detection.reason}); pass --from")
     src, dst = get_architecture(src_name), get_architecture(to)
+    for arch in (src, dst):
+        if not arch.convertible:
+            raise UnsupportedError(f"convert reads and writes the {', '.join(CONVERT_SCHEMES)} naming schemes; "
+                                   f"{arch.name} ({arch.scheme} names) has modules it cannot split or join exactly")
     dst_head = dst.head(head) if head else dst.heads[0]
     prefix = _source_prefix(adapter, src)
     parts, unmapped = _canonical_parts(adapter, src, prefix)
@@ -94,7 +98,7 @@ def convert_adapter(
         report.modules[path] = fused_into.get((layer, role), [part.source])
     if not tensors:
         raise UnsupportedError("nothing left to convert: every module was unmapped")
-    raw = _target_config(adapter, dst, list(ranks), base_model)
+    raw = _target_config(adapter, dst, dst_head, list(ranks), base_model)
     raw = with_module_ranks(raw, ranks, adapter.config.use_rslora)
     return Adapter.from_tensors(raw, tensors, source=adapter.source), report
 
@@ -216,7 +220,7 @@ def _fold_bias(pieces: list[Part | None], d: int) -> torch.Tensor | None:
     return torch.cat([b if b is not None else torch.zeros(d, dtype=like.dtype) for b in biases])
 
 
-def _target_config(adapter: Adapter, dst: Architecture, paths: list[str], base_model: str | None) -> dict[str, Any]:
+def _target_config(adapter: Adapter, dst: Architecture, head: Head, paths: list[str], base_model: str | None) -> dict[str, Any]:
     raw = dict(adapter.config.raw)
     raw.update(
         target_modules=sorted(paths),  # exact paths: a leaf name like c_proj would also catch mlp.c_proj
@@ -226,6 +230,8 @@ def _target_config(adapter: Adapter, dst: Architecture, paths: list[str], base_m
         layers_to_transform=None,
         layers_pattern=None,
         exclude_modules=None,
-        auto_mapping=None,  # it names the source's model class
+        # The target's model class, as PEFT records it: evidence of the family where module names
+        # are shared (GPT-2's are also StarCoder's, stored transposed).
+        auto_mapping={"base_model_class": head.classes[0], "parent_library": "transformers"} if head.classes else None,
     )
     return raw

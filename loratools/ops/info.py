@@ -47,6 +47,8 @@ def adapter_info(adapter: Adapter) -> dict[str, Any]:
         "adapter": adapter.source,
         "architecture": det.architecture,
         "architecture_note": det.reason or None,  # why it is unknown, or what is uncertain
+        "family_known": det.family_known,  # False: only module names were seen, shared by several families
+        "naming": det.scheme,
         "head": det.head,
         "peft_type": cfg.raw.get("peft_type"),
         "base_model_name_or_path": cfg.base_model_name_or_path,

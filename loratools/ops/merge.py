@@ -28,7 +28,7 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint
 from ..formats.safetensors_header import DTYPES, FLOAT_DTYPES
 from ..formats.safetensors_writer import StreamingSafetensorsWriter
 from ..formats.torch_dtypes import TORCH_DTYPES
-from .basemap import BaseNameMapper, architecture_mismatch, base_architecture, unmergeable_dtype
+from .basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
 
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -60,7 +60,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
     if not math.isfinite(scale):
         raise UsageError(f"--scale must be a finite number, got {scale}")
     adapter.require_supported("merge", merging=True)
-    _check_architectures(base, adapter)
+    adapter = _adapter_for(base, adapter)
     if scale != 1.0:
         for module in adapter.modules.values():
             if module.magnitude_key or module.diag_key:
@@ -128,16 +128,14 @@ def _require_finite(adapter: Adapter) -> None:
                               code="non-finite")
 
 
-def _check_architectures(base: Checkpoint, adapter: Adapter) -> None:
-    mismatch = architecture_mismatch(base, adapter)
-    if mismatch:
-        raise mismatch
-    conv1d_possible = adapter.config.fan_in_fan_out or base_architecture(base) == "gpt2"
-    if adapter.architecture is None and conv1d_possible:
+def _adapter_for(base: Checkpoint, adapter: Adapter) -> Adapter:
+    adapter = adapter_for_base(base, adapter)
+    if adapter.architecture is None and (adapter.config.fan_in_fan_out or adapter.detection.ambiguous_layout):
         raise UnsupportedError(
-            "cannot tell which modules are Conv1D (adapter architecture unknown, fan_in_fan_out set); "
-            "refusing to guess the orientation of ΔW"
+            f"cannot tell which modules are Conv1D ({adapter.detection.reason}); refusing to guess the orientation "
+            "of ΔW: give a base directory with its config.json"
         )
+    return adapter
 
 
 # ---- execution ------------------------------------------------------------------------------

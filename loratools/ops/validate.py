@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..adapter import PREFIX, Adapter
-from ..arch import Layout
+from ..arch import ARCHITECTURES, Layout
 from ..config import CONFIG_NAME, AdapterConfig, config_problems, pattern_value, refusals
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
@@ -158,7 +158,7 @@ def _check_config_against_weights(adapter: Adapter, add) -> None:
     conv1d = any(m.layout is Layout.CONV1D for m in adapter.modules.values())
     if conv1d and not cfg.fan_in_fan_out:
         add("fan-in-fan-out", WARNING, "the adapter targets GPT-2 Conv1D layers but fan_in_fan_out is false; PEFT forces it to true, set it")
-    if cfg.fan_in_fan_out and arch in ("llama", "bert") and not conv1d:
+    if cfg.fan_in_fan_out and arch and not any(t.layout is Layout.CONV1D for t in ARCHITECTURES[arch].modules):
         add("fan-in-fan-out", WARNING, f"fan_in_fan_out is true but {arch} has no Conv1D layers; PEFT resets it, set it to false")
 
 
@@ -206,11 +206,12 @@ def _values(store: TensorStore):
 
 
 def _check_against_base(adapter: Adapter, base: Checkpoint, add) -> None:
-    from .basemap import BaseNameMapper, architecture_mismatch, unmergeable_dtype
+    from .basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
 
-    mismatch = architecture_mismatch(base, adapter)
-    if mismatch:
-        add(mismatch.code, ERROR, str(mismatch))
+    try:
+        adapter = adapter_for_base(base, adapter)
+    except LoraToolsError as exc:
+        add(exc.code, ERROR, str(exc))
         return
     mapper = BaseNameMapper(base, adapter)
     for path, module in adapter.modules.items():
