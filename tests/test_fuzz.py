@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import loratools
@@ -95,3 +95,97 @@ def test_mutated_adapter_files(tmp_path_factory, data):
             adapter.delta(path)
     except LoraToolsError:
         pass
+
+
+# ---- validate and merge agree -----------------------------------------------------------------
+
+A_KEY = "base_model.model.model.layers.0.self_attn.q_proj"
+PART_SUFFIXES = ["lora_diag", "lora_magnitude_vector", "lora_B.bias", "base_layer.weight", "base_layer.bias", "lora_velora_embed",
+                 "lora_embedding_A", "lora_C.weight", "token_adapter.trainable_tokens_delta", "weight"]
+MODULES = [A_KEY, "base_model.model.model.embed_tokens", "base_model.model.lm_head", "base_model.model.model.layers.1.mlp.up_proj",
+           "base_model.model.model.norm", "model.layers.0.self_attn.q_proj"]
+VARIANT_FIELDS = {
+    "kasa_config": st.just({"beta": 0.0001}), "velora_config": st.just({"scale": 1.0}), "use_bdlora": st.just({"nblocks": 2}),
+    "alora_invocation_tokens": st.lists(st.integers(0, 9), max_size=2), "layer_replication": st.just([[0, 1]]),
+    "init_lora_weights": st.sampled_from([True, False, "gaussian", "pissa", "olora", "mica", "loftq", "eva"]),
+    "trainable_token_indices": st.sampled_from([[1, 2], {"embed_tokens": [3]}, [70], [1, 1], "x"]),
+    "target_modules": st.sampled_from([None, [], "", ".*q_proj", "(", ["q_proj"]]),
+    "lora_alpha": st.sampled_from([8, 16, 0, -4, 1e308, 1e20, float("nan")]),
+    "use_rslora": st.booleans(), "use_dora": st.booleans(), "lora_bias": st.booleans(), "fan_in_fan_out": st.booleans(),
+    "bias": st.sampled_from(["none", "all", "lora_only", "x"]),
+    "rank_pattern": st.sampled_from([{}, {"q_proj": 2}, {"(?i)q": 4}, {"(.*)*x": 4}, {"^model": 4}]),
+}
+
+
+def _tensor(draw, shape):
+    import torch
+
+    kind = draw(st.sampled_from(["randn"] * 4 + ["nan", "inf", "zeros", "int", "huge", "half"]))
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    if kind == "nan" and t.numel():
+        t.view(-1)[0] = float("nan")
+    elif kind == "inf" and t.numel():
+        t.view(-1)[-1] = float("inf")
+    elif kind == "zeros":
+        t.zero_()
+    elif kind == "int":
+        t = t.to(torch.int8)
+    elif kind == "huge":
+        t = t * 1e30
+    elif kind == "half":
+        t = t.to(torch.float16)
+    return t
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_validate_passes_only_what_merge_merges(tmp_path_factory, data):
+    """One to three mutations of config, tensor names, shapes, dtypes and values: validate never
+    fails unexpectedly, merge raises only loratools' own errors, and an adapter validate passes
+    (against the same base) merges."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from loratools.formats.checkpoint import open_checkpoint
+    from loratools.ops.validate import validate_guarded
+    from tests.conftest import BASES
+
+    src = ADAPTERS / "llama-basic"
+    config = json.loads((src / "adapter_config.json").read_text())
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    for _ in range(data.draw(st.integers(1, 3))):
+        how = data.draw(st.sampled_from(["config", "config", "add", "drop", "value", "value", "shape"]))
+        if how == "config":
+            field = data.draw(st.sampled_from(sorted(VARIANT_FIELDS) + CONFIG_FIELDS))
+            config[field] = data.draw(VARIANT_FIELDS.get(field, json_values))
+        elif how == "add":
+            key = f"{data.draw(st.sampled_from(MODULES))}.{data.draw(st.sampled_from(PART_SUFFIXES))}"
+            shape = data.draw(st.lists(st.integers(0, 70), min_size=1, max_size=2))
+            tensors[key] = _tensor(data.draw, shape)
+        elif how == "drop" and tensors:
+            tensors.pop(data.draw(st.sampled_from(sorted(tensors))))
+        elif how == "value" and tensors:
+            key = data.draw(st.sampled_from(sorted(tensors)))
+            tensors[key] = _tensor(data.draw, tuple(tensors[key].shape))
+        elif how == "shape" and tensors:
+            key = data.draw(st.sampled_from(sorted(tensors)))
+            tensors[key] = _tensor(data.draw, data.draw(st.lists(st.integers(0, 20), min_size=1, max_size=3)))
+    work = tmp_path_factory.mktemp("agree")
+    adapter = work / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(adapter / "adapter_model.safetensors"))
+
+    base = BASES / "llama"
+    result = validate_guarded(adapter, open_checkpoint(base))
+    assert all(f.code not in ("internal-error", "error") for f in result.findings), result.findings
+    try:
+        loratools.merge(base, adapter, work / "out", device="cpu")
+        merged = True
+    except LoraToolsError:
+        merged = False
+    event(f"validate {'ok' if result.ok() else 'fails'}, merge {'done' if merged else 'refused'}")
+    assert merged or not result.ok(), result.findings
+    if merged:
+        out = load_file(str(work / "out" / "model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in out.values())

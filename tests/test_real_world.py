@@ -48,7 +48,7 @@ def merge_matches_peft(tmp_path, base_dir, adapter_dir):
     result = run_cli("merge", base_dir, adapter_dir, out)
     assert result.returncode == 0, result.stderr
     ours = merged_tensors(out)
-    reference = peft_merged_state_dict("llama", base_dir, adapter_dir)
+    reference = peft_merged_state_dict("llama", base_dir, adapter_dir)  # AutoModelForCausalLM, whatever the family
     assert_matches_peft(ours, reference)
     return ours, merged_tensors(base_dir)
 
@@ -188,3 +188,70 @@ def test_target_modules_null_is_valid(tmp_path):
     result = run_cli("validate", adapter, "--json")
     assert result.returncode == 0, result.stdout
     assert loratools.load_adapter(adapter).modules
+
+
+def tiny_bigcode():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(vocab_size=64, n_embd=16, n_layer=2, n_head=4, n_positions=32)).eval()
+
+
+def test_starcoder_gpt2_names_with_linear_layers_merge_as_peft(tmp_path):
+    """gpt_bigcode names its modules like GPT-2 (c_attn, c_proj, c_fc) but they are nn.Linear: the
+    base's model_type decides the orientation; names alone never do."""
+    base_dir, adapter_dir = peft_adapter(tmp_path, tiny_bigcode, target_modules=["c_attn", "c_proj", "c_fc"], task_type="CAUSAL_LM")
+    info = json.loads(run_cli("info", "--json", adapter_dir).stdout)
+    assert info["architecture"] is None and "gpt_bigcode" in info["architecture_note"]
+    ours, base = merge_matches_peft(tmp_path, base_dir, adapter_dir)
+    # attn.c_proj is square: read as GPT-2's Conv1D it would merge transposed without any shape error
+    square = "transformer.h.0.attn.c_proj.weight"
+    delta = loratools.load_adapter(adapter_dir).for_model_type("gpt_bigcode").delta("transformer.h.0.attn.c_proj")
+    torch.testing.assert_close(ours[square], base[square] + delta, rtol=1e-6, atol=1e-6)
+    # With no config.json beside the weights nothing says which it is: refused, not guessed.
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes((base_dir / "model.safetensors").read_bytes())
+    assert_clean_error(run_cli("merge", bare, adapter_dir, tmp_path / "o.safetensors"), "refusing to guess")
+    assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0
+
+
+def test_a_gpt2_adapter_is_refused_by_a_starcoder_base(tmp_path):
+    base = tmp_path / "bigcode"
+    tiny_bigcode().save_pretrained(str(base))
+    result = run_cli("merge", base, ADAPTERS / "gpt2-conv1d", tmp_path / "o")
+    assert_clean_error(result, "the adapter is for gpt2 but the base is gpt_bigcode")
+    assert "base-architecture" in run_cli("validate", "--json", ADAPTERS / "gpt2-conv1d", "--base", base).stdout
+
+
+def tiny_qwen2():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2)
+    return tf.Qwen2ForCausalLM(cfg).eval()
+
+
+def test_family_from_the_base_the_adapter_names(tmp_path):
+    """PEFT records no model class when task_type is set; the base named by base_model_name_or_path,
+    if this machine has its config.json (a local directory or the Hub cache), says the family."""
+    from tests.hub_cache import add_snapshot
+
+    base_dir, adapter_dir = peft_adapter(tmp_path, tiny_qwen2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    info = lambda env=None: json.loads(run_cli("info", "--json", adapter_dir, env=env).stdout)  # noqa: E731
+    edit_config(adapter_dir, lambda c: {**c, "base_model_name_or_path": "nowhere/qwen-tiny"})
+    alone = info()
+    assert (alone["architecture"], alone["family_known"], alone["naming"]) == ("llama", False, "llama")
+    assert "qwen2" in alone["architecture_note"]
+    edit_config(adapter_dir, lambda c: {**c, "base_model_name_or_path": str(base_dir)})
+    assert (info()["architecture"], info()["family_known"]) == ("qwen2", True)
+    cache = tmp_path / "hub"
+    add_snapshot(cache, "acme/qwen-tiny", "a" * 40, {"config.json": base_dir / "config.json"})
+    edit_config(adapter_dir, lambda c: {**c, "base_model_name_or_path": "acme/qwen-tiny"})
+    assert info({"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})["architecture"] == "qwen2"
+    merge_matches_peft(tmp_path, base_dir, adapter_dir)
+    # A base of another family is refused once the family is known.
+    llama_base = tmp_path / "llama"
+    build_base("llama").save_pretrained(str(llama_base))
+    edit_config(adapter_dir, lambda c: {**c, "base_model_name_or_path": str(base_dir)})
+    assert_clean_error(run_cli("merge", llama_base, adapter_dir, tmp_path / "o"), "qwen2", "llama")

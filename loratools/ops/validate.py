@@ -141,7 +141,8 @@ def _check_config_fields(raw: dict, add) -> AdapterConfig | None:
     if targets in ([], "") and not raw.get("target_parameters"):
         add("config-target-modules", ERROR, "target_modules is empty: PEFT would adapt nothing; list the modules trained")
     for reason in refusals(raw, merging=True):
-        add("unsupported", WARNING, f"valid for PEFT, but loratools merge refuses it: {reason}")
+        # An error, not a warning: validate passing must mean the adapter merges.
+        add("unsupported", ERROR, f"loads in PEFT, but loratools merge refuses it: {reason}")
     for key in sorted(set(raw) - KNOWN_CONFIG_KEYS):
         add("config-unknown-key", WARNING, f"unknown config key {key!r} (a typo, or a newer PEFT?); PEFT may reject it")
     return None if problems else AdapterConfig.from_dict(raw)
