@@ -59,6 +59,29 @@ def pattern_matches(key: str, module_path: str) -> bool:
         ) from None
 
 
+@lru_cache(maxsize=65_536)
+def literal_tail(key: str) -> str:
+    """The literal characters a key ends with: `(.*\\.)?(key)$` can only match a path that ends
+    with them. A cheap, exact pre-filter, so that thousands of keys (one per module, as resized or
+    AdaLoRA adapters have) cost string comparisons rather than regex matches."""
+    try:
+        from re import _parser as sre_parse  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_parse  # type: ignore[no-redef]
+    try:
+        parsed = sre_parse.parse(key)
+    except Exception:  # an invalid key is reported elsewhere; no pre-filter for it
+        return ""
+    if parsed.state.flags & re.IGNORECASE:
+        return ""
+    tail = []
+    for op, arg in reversed(list(parsed)):
+        if op is not sre_parse.LITERAL:
+            break
+        tail.append(chr(arg))
+    return "".join(reversed(tail))
+
+
 def pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup for one module.
 
@@ -68,6 +91,9 @@ def pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> A
     key lookup before the default.
     """
     for key, value in patterns.items():
+        tail = literal_tail(key)
+        if tail and not module_path.endswith(tail):
+            continue
         if pattern_matches(key, module_path):
             return value
     return patterns.get(module_path, default)
@@ -130,10 +156,16 @@ class AdapterConfig:
         return tokens
 
     def rank_for(self, module_path: str) -> int:
-        return pattern_value(self.rank_pattern, module_path, self.r)
+        return self._lookup("rank_pattern", module_path, self.r)
 
     def alpha_for(self, module_path: str) -> float:
-        return pattern_value(self.alpha_pattern, module_path, self.lora_alpha)
+        return self._lookup("alpha_pattern", module_path, self.lora_alpha)
+
+    def _lookup(self, name: str, module_path: str, default: Any) -> Any:
+        memo = self.__dict__.setdefault("_memo", {})  # each module is asked for rank, alpha and scaling
+        if (name, module_path) not in memo:
+            memo[(name, module_path)] = pattern_value(getattr(self, name), module_path, default)
+        return memo[(name, module_path)]
 
     def scaling_for(self, module_path: str) -> float:
         return scaling(self.alpha_for(module_path), self.rank_for(module_path), self.use_rslora)

@@ -98,3 +98,24 @@ def test_per_module_rank_alpha_scaling_match_peft_layers(name):
             assert mine.scaling == pytest.approx(module.scaling["default"], rel=1e-12), module_name
             seen += 1
     assert seen == len(ours.modules) > 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    keys=st.lists(st.text(alphabet="qv_proj.0123^$\\|()*+?lay", min_size=1, max_size=10), min_size=1, max_size=6),
+    path=st.sampled_from([Q0, Q1, Q10, DOWN1, "model.layers.1.self_attn.v_proj", "lm_head"]),
+)
+def test_prefiltered_lookup_equals_the_plain_regex_loop(keys, path):
+    """The literal-tail pre-filter never changes which key wins: same answer as matching every
+    key in order with Python's re, as PEFT does."""
+    import re
+
+    patterns = {}
+    for i, key in enumerate(keys):
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error:
+            continue
+        patterns[key] = i
+    expected = next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", path)), patterns.get(path, -1))
+    assert pattern_value(patterns, path, -1) == expected
