@@ -136,7 +136,11 @@ class Adapter:
                 continue
             rel = key[len(PREFIX) :]
             m = _PART.match(rel)
-            if m:
+            if m and "bdlora" in self.config.variants and m["part"].startswith("lora_"):
+                # BD-LoRA stores block-diagonal factors as their blocks: PEFT's own tensors, in
+                # shapes only that (refused) variant understands.
+                self.variant_keys.append(key)
+            elif m:
                 parts.setdefault(m["module"], {})[m["part"]] = key
             elif _TOKENS.match(rel):
                 self._add_trainable_tokens(key, _TOKENS.match(rel)["module"])

@@ -103,22 +103,29 @@ def test_mica_is_plain_lora(tmp_path):
     merge_matches_peft(tmp_path, base_dir, adapter_dir)
 
 
-@pytest.mark.parametrize("variant,config,message", [
-    ("velora", {"velora_config": "VeloraConfig"}, "unsupported LoRA variant velora"),
-    ("monteclora", {"monteclora_config": "MontecloraConfig"}, "unsupported LoRA variant monteclora"),
-    ("alora", {"alora_invocation_tokens": [3, 4]}, "aLoRA"),
-    ("layer_replication", {"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
-])
-def test_variants_that_cannot_be_merged_are_refused(tmp_path, variant, config, message):
+def _lora_config(name, **kwargs):
     import peft.tuners.lora.config as lora_config
 
-    kwargs = {k: getattr(lora_config, v)() if isinstance(v, str) else v for k, v in config.items()}
-    base_dir, adapter_dir = peft_adapter(tmp_path, lambda: build_base("llama"), target_modules=["q_proj"], **kwargs)
+    return getattr(lora_config, name)(**kwargs)
+
+
+@pytest.mark.parametrize("variant,config,message", [
+    ("velora", lambda: {"velora_config": _lora_config("VeloraConfig")}, "unsupported LoRA variant velora"),
+    ("monteclora", lambda: {"monteclora_config": _lora_config("MontecloraConfig")}, "unsupported LoRA variant monteclora"),
+    ("bdlora", lambda: {"target_modules": ["q_proj", "v_proj"], "use_bdlora": _lora_config(
+        "BdLoraConfig", target_modules_bd_a=["q_proj"], target_modules_bd_b=["v_proj"], nblocks=2)}, "unsupported LoRA variant bdlora"),
+    ("qalora", lambda: {"use_qalora": True}, "unsupported LoRA variant qalora"),
+    ("alora", lambda: {"alora_invocation_tokens": [3, 4]}, "aLoRA"),
+    ("layer_replication", lambda: {"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
+])
+def test_variants_that_cannot_be_merged_are_refused(tmp_path, variant, config, message):
+    kwargs = {"target_modules": ["q_proj"], **config()}
+    base_dir, adapter_dir = peft_adapter(tmp_path, lambda: build_base("llama"), **kwargs)
     assert_clean_error(run_cli("merge", base_dir, adapter_dir, tmp_path / "out"), message, code=1)
     assert not (tmp_path / "out").exists()
-    result = run_cli("validate", adapter_dir, "--json")  # PEFT's own tensors are not "unknown"
-    codes = {f["code"] for r in json.loads(result.stdout)["results"] for f in r["findings"]}
-    assert "unknown-tensor" not in codes and "unsupported" in codes
+    result = run_cli("validate", adapter_dir, "--json")  # PEFT's own tensors are not "unknown" or malformed
+    findings = [f for r in json.loads(result.stdout)["results"] for f in r["findings"] if f["severity"] == "error"]
+    assert result.returncode == 1 and [f["code"] for f in findings] == ["unsupported"], findings
 
 
 def test_base_modifying_init_is_refused(tmp_path):
