@@ -71,14 +71,16 @@ class SafetensorsStore(TensorStore):
         info = self.header.tensors[key]
         return TensorMeta(info.dtype_name, info.shape)
 
-    def raw(self, key: str) -> bytearray:
-        """The tensor's bytes, as stored."""
+    def raw(self, key: str):
+        """The tensor's bytes, as stored (a numpy uint8 array: allocated without zero-filling)."""
+        import numpy as np
+
         info = self.header.tensors[key]
         self.header.check_unchanged()
-        data = bytearray(info.end - info.start)
-        with open(self.path, "rb") as fh:
+        data = np.empty(info.end - info.start, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as fh:
             fh.seek(self.header.data_start + info.start)
-            if fh.readinto(data) != len(data):
+            if data.size and fh.readinto(memoryview(data)) != data.size:
                 raise FormatError(f"{os.path.basename(self.path)}: ended early while reading {key} (truncated meanwhile?)", code="input-changed")
         return data
 
@@ -90,9 +92,9 @@ class SafetensorsStore(TensorStore):
         info = self.header.tensors[key]
         data = self.raw(key)
         dtype = torch_dtype(info.dtype)
-        if not data:
+        if not data.size:
             return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info.shape)
+        return torch.from_numpy(data).view(dtype).reshape(info.shape)
 
     def finite(self, key: str) -> bool:
         """Checked on the raw bits with numpy: no torch import, no dtype conversion."""
@@ -110,7 +112,7 @@ def raw_values(store: SafetensorsStore, key: str) -> tuple[bool, bool]:
     if info.dtype not in _BITS or info.end == info.start:
         return True, info.end != info.start
     unsigned, exponent = _BITS[info.dtype]
-    bits = np.frombuffer(store.raw(key), dtype=unsigned)
+    bits = store.raw(key).view(unsigned)
     exp_mask = np.array(exponent, dtype=unsigned)
     finite = not np.any((bits & exp_mask) == exp_mask)
     nonzero = bool(np.any(bits << np.array(1, dtype=unsigned)))  # drop the sign bit: -0 is zero too
