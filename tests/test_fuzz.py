@@ -101,7 +101,7 @@ def test_mutated_adapter_files(tmp_path_factory, data):
 
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj"
 PART_SUFFIXES = ["lora_diag", "lora_magnitude_vector", "lora_B.bias", "base_layer.weight", "base_layer.bias", "lora_velora_embed",
-                 "lora_embedding_A", "lora_C.weight", "token_adapter.trainable_tokens_delta", "weight"]
+                 "lora_embedding_A", "lora_C.weight", "token_adapter.trainable_tokens_delta", "weight", "lora_A.default.weight"]
 MODULES = [A_KEY, "base_model.model.model.embed_tokens", "base_model.model.lm_head", "base_model.model.model.layers.1.mlp.up_proj",
            "base_model.model.model.norm", "model.layers.0.self_attn.q_proj"]
 VARIANT_FIELDS = {

@@ -262,3 +262,23 @@ def test_family_from_the_base_the_adapter_names(tmp_path):
     build_base("llama").save_pretrained(str(llama_base))
     edit_config(adapter_dir, lambda c: {**c, "base_model_name_or_path": str(base_dir)})
     assert_clean_error(run_cli("merge", llama_base, adapter_dir, tmp_path / "o"), "qwen2", "llama")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.float8_e4m3fn])
+def test_quantized_base_weights_are_reported_alike_by_validate_and_merge(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    import shutil
+
+    shutil.copytree(BASES / "llama", base)
+    tensors = load_file(str(base / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(dtype) if dtype.is_floating_point else tensors[name].flatten()[: tensors[name].numel() // 2].to(dtype)
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    merged = run_cli("merge", base, ADAPTERS / "llama-basic", tmp_path / "out")
+    assert_clean_error(merged, "only float16/bfloat16/float32/float64 bases can be merged")
+    report = json.loads(run_cli("validate", "--json", ADAPTERS / "llama-basic", "--base", base).stdout)
+    findings = report["results"][0]["findings"]
+    assert [f["code"] for f in findings] == ["base-dtype"]
+    assert findings[0]["message"].split(": ", 1)[1] in merged.stderr

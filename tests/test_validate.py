@@ -112,7 +112,7 @@ CATALOGUE = [
     (_set(f"{Q0}.lora_B.weight", torch.zeros(16, 4)), "llama-basic", "zero-lora-b", "warning"),
     (_rename(f"{Q0}.lora_A.weight", "model.layers.0.self_attn.q_proj.lora_A.weight"), "llama-basic", "key-prefix", "error"),
     (_rename(f"{Q0}.lora_A.weight", f"{Q0}.lora_A.default.weight", f"{Q0}.lora_B.weight", f"{Q0}.lora_B.default.weight"),
-     "llama-basic", "key-adapter-name", "warning"),
+     "llama-basic", "key-adapter-name", "error"),
     (_set("base_model.model.model.norm.scale", torch.ones(16)), "llama-basic", "unknown-tensor", "error"),
     (_set(f"{Q0}.lora_magnitude_vector", torch.ones(15)), "llama-dora", "vector-shape", "error"),
     (_set(f"{Q0}.lora_magnitude_vector", torch.ones(16)), "llama-basic", "dora-mismatch", "error"),

@@ -171,7 +171,7 @@ def _check_keys(adapter: Adapter, add) -> None:
         if not key.startswith(PREFIX):
             add("key-prefix", ERROR, f"key {key!r} lacks the {PREFIX!r} prefix: PEFT silently ignores it and the adapter does nothing there")
         elif _ADAPTER_NAME_IN_KEY.search(key):
-            add("key-adapter-name", WARNING, f"key {key!r} still contains an adapter name; save with save_pretrained (or get_peft_model_state_dict)")
+            add("key-adapter-name", ERROR, f"key {key!r} still contains an adapter name: PEFT does not load it and merge refuses it; save with save_pretrained (or get_peft_model_state_dict)")
         else:
             add("unknown-tensor", ERROR, f"tensor {key!r} is neither a LoRA part nor a known extra (modules_to_save, bias); remove it")
 
