@@ -282,3 +282,18 @@ def test_quantized_base_weights_are_reported_alike_by_validate_and_merge(tmp_pat
     findings = report["results"][0]["findings"]
     assert [f["code"] for f in findings] == ["base-dtype"]
     assert findings[0]["message"].split(": ", 1)[1] in merged.stderr
+
+
+def test_validate_base_runs_merges_own_plan(tmp_path):
+    """Token rows beyond the base's vocabulary: fine on its own, refused against this base by
+    validate --base exactly as merge refuses it."""
+    base_dir, adapter_dir = peft_adapter(tmp_path, lambda: build_base("llama"), target_modules=["q_proj"],
+                                         trainable_token_indices=[1, 5, 7])
+    edit_config(adapter_dir, lambda c: {**c, "trainable_token_indices": [1, 5, 70]})
+    assert run_cli("validate", adapter_dir).returncode == 0
+    result = run_cli("validate", "--json", adapter_dir, "--base", base_dir)
+    findings = json.loads(result.stdout)["results"][0]["findings"]
+    assert result.returncode == 1 and [f["code"] for f in findings] == ["base-merge"]
+    merged = run_cli("merge", base_dir, adapter_dir, tmp_path / "out")
+    assert_clean_error(merged, "up to token 70")
+    assert findings[0]["message"] in merged.stderr

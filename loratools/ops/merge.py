@@ -1,6 +1,6 @@
 """Merge an adapter into base weights, streaming, with the semantics of PEFT's merge_and_unload.
 
-Two phases. `plan_merge` reads headers only: it maps every adapter module and extra tensor onto
+Two phases. `plan_merge` (merge_plan.py) reads headers only: it maps every adapter module and extra tensor onto
 a base tensor, checks shapes and dtypes, and fails before anything is written. `merge` then
 streams the base tensor by tensor: untouched tensors are copied byte for byte; touched ones are
 loaded, changed in float32 on the chosen device and rounded once into the output dtype. At most
@@ -14,129 +14,20 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..adapter import Adapter, LoraModule, TrainableTokens
-from ..arch import Layout, Role
-from ..errors import FormatError, LoraToolsError, ShapeError, UnsupportedError, UsageError
+from ..arch import Layout
+from ..errors import LoraToolsError, ShapeError, UsageError
 from ..formats.atomic import atomic_dir, atomic_file, refuse_overlap
-from ..formats.checkpoint import INDEX_NAME, Checkpoint
+from ..formats.checkpoint import INDEX_NAME
 from ..formats.safetensors_header import DTYPES, FLOAT_DTYPES
 from ..formats.safetensors_writer import StreamingSafetensorsWriter
 from ..formats.torch_dtypes import TORCH_DTYPES
-from .basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
-
-DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-
-
-@dataclass
-class TensorOps:
-    """What happens to one base tensor: an optional replacement, then additive updates."""
-
-    replace_key: str | None = None  # adapter key whose tensor replaces the base tensor
-    rows: list[TrainableTokens] = field(default_factory=list)  # rows replaced (trainable_token_indices)
-    modules: list[LoraModule] = field(default_factory=list)  # add s·ΔW (DoRA: renormalise)
-    lora_biases: list[LoraModule] = field(default_factory=list)  # add s·lora_B.bias
-
-
-@dataclass
-class MergePlan:
-    base: Checkpoint
-    adapter: Adapter
-    ops: dict[str, TensorOps]  # base tensor name -> ops
-    scale: float
-    out_dtype: str | None  # dtype code for every float tensor, or None to keep each one's
-
-
-def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: str | None = None) -> MergePlan:
-    """Map the adapter onto the base and check everything that can be checked from headers
-    (and the adapter's own values, which are small): every refusal happens here."""
-    if dtype is not None and dtype not in DTYPE_CODES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CODES)}, got {dtype!r}")
-    if not math.isfinite(scale):
-        raise UsageError(f"--scale must be a finite number, got {scale}")
-    adapter.require_supported("merge", merging=True)
-    adapter = _adapter_for(base, adapter)
-    if scale != 1.0:
-        for module in adapter.modules.values():
-            if module.magnitude_key or module.diag_key:
-                what = "DoRA" if module.magnitude_key else "KaSA (it truncates the base weight)"
-                raise UnsupportedError(f"--scale other than 1 is not defined for {what}: its merge is not additive")
-        if adapter.extras or adapter.trainable_tokens:
-            kinds = ", ".join(sorted({e.kind for e in adapter.extras} | ({"trainable tokens"} if adapter.trainable_tokens else set())))
-            raise UnsupportedError(f"--scale other than 1 cannot scale tensors that replace base tensors ({kinds})")
-    if not adapter.modules and not adapter.extras and not adapter.trainable_tokens:
-        raise ShapeError("the adapter has no LoRA modules and no extra tensors: nothing to merge")
-    _require_finite(adapter)
-    mapper = BaseNameMapper(base, adapter)
-    ops: dict[str, TensorOps] = {}
-    for extra in adapter.extras:
-        name = mapper.find(extra.target, f"{extra.kind} tensor {extra.key}")
-        want, have = adapter.tensors.meta(extra.key).shape, base.info(name).shape
-        if want != have:
-            raise ShapeError(f"{extra.kind} tensor {extra.key}: shape {list(want)} but base {name} is {list(have)}")
-        op = ops.setdefault(name, TensorOps())
-        if op.replace_key is not None and not adapter.tensor(op.replace_key).equal(adapter.tensor(extra.key)):
-            raise UnsupportedError(f"{op.replace_key} and {extra.key} both replace base {name} (tied weights) with different values")
-        op.replace_key = extra.key
-    for tokens in adapter.trainable_tokens:
-        name = mapper.find(tokens.target, f"trainable tokens of {tokens.path}")
-        have, dim = base.info(name).shape, adapter.tensors.meta(tokens.key).shape[1]
-        if len(have) != 2 or have[1] != dim or max(tokens.indices, default=-1) >= have[0]:
-            raise ShapeError(f"trainable tokens of {tokens.path}: {len(tokens.indices)} rows of width {dim} up to token "
-                             f"{max(tokens.indices, default=0)} do not fit base {name} of shape {list(have)}")
-        ops.setdefault(name, TensorOps()).rows.append(tokens)
-    for module in adapter.modules.values():
-        name = mapper.find(f"{module.path}.weight", f"module {module.path}", lm_head=module.role is Role.LM_HEAD)
-        info = base.info(name)
-        if unmergeable_dtype(info):
-            raise UnsupportedError(f"module {module.path}: base {name} is {unmergeable_dtype(info)}", code="base-dtype")
-        if tuple(info.shape) != module.weight_shape:
-            raise ShapeError(
-                f"module {module.path}: adapter expects {name} of shape {list(module.weight_shape)} "
-                f"({module.layout.value}), base has {list(info.shape)}"
-            )
-        if module.diag_key and (module.layout is not Layout.LINEAR or module.rank >= min(info.shape)):
-            raise UnsupportedError(f"module {module.path}: KaSA needs an nn.Linear with r < min(in, out) (PEFT's own condition)")
-        ops.setdefault(name, TensorOps()).modules.append(module)
-        if module.lora_bias_key:
-            bias = mapper.find(f"{module.path}.bias", f"lora_bias of {module.path}", required=False)
-            if bias is None:
-                raise ShapeError(f"module {module.path}: lora_bias=True but the base layer has no bias (PEFT cannot merge it either)")
-            ops.setdefault(bias, TensorOps()).lora_biases.append(module)
-    for name, op in ops.items():
-        nonadditive = [m.path for m in op.modules if m.magnitude_key or m.diag_key]
-        if op.rows and (op.modules or op.replace_key):
-            raise UnsupportedError(f"base {name} gets trainable tokens and another change (tied weights?); loratools does not combine them")
-        if nonadditive and len(op.modules) > 1:
-            raise UnsupportedError(f"base {name} is changed by {len(op.modules)} modules, one of them DoRA/KaSA ({nonadditive[0]}), "
-                                   "whose merge depends on the order (tied weights?)")
-    return MergePlan(base, adapter, ops, scale, DTYPE_CODES[dtype] if dtype else None)
-
-
-def _require_finite(adapter: Adapter) -> None:
-    """PEFT's safe_merge refuses NaN/Inf; so do we, before writing anything."""
-    keys = [k for m in adapter.modules.values() for k in (m.a_key, m.b_key, m.magnitude_key, m.lora_bias_key, m.diag_key) if k]
-    keys += [e.key for e in adapter.extras] + [t.key for t in adapter.trainable_tokens]
-    for key in keys:
-        if not adapter.tensors.finite(key):
-            raise FormatError(f"{key} contains NaN or Inf (training diverged or the file is corrupt); refusing to merge it",
-                              code="non-finite")
-
-
-def _adapter_for(base: Checkpoint, adapter: Adapter) -> Adapter:
-    adapter = adapter_for_base(base, adapter)
-    if adapter.architecture is None and (adapter.config.fan_in_fan_out or adapter.detection.ambiguous_layout):
-        raise UnsupportedError(
-            f"cannot tell which modules are Conv1D ({adapter.detection.reason}); refusing to guess the orientation "
-            "of ΔW: give a base directory with its config.json"
-        )
-    return adapter
-
+from .merge_plan import DTYPE_CODES, MergePlan, TensorOps, plan_merge  # noqa: F401  (plan_merge: public here too)
 
 # ---- execution ------------------------------------------------------------------------------
 

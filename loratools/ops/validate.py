@@ -89,6 +89,8 @@ def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None) ->
     _check_values(adapter, add)
     if base is not None:
         _check_against_base(adapter, base, add)
+        if not any(f.severity == ERROR for f in findings):
+            _check_merge_plan(adapter, base, add)
     return Result(str(adapter_path), findings)
 
 
@@ -236,6 +238,18 @@ def _check_against_base(adapter: Adapter, base: Checkpoint, add) -> None:
         elif tuple(base.info(name).shape) != adapter.tensors.meta(extra.key).shape:
             want, have = list(adapter.tensors.meta(extra.key).shape), list(base.info(name).shape)
             add("base-shape", ERROR, f"{extra.kind} tensor {extra.key} has shape {want}, the base's {name} is {have}", extra.target)
+
+
+def _check_merge_plan(adapter: Adapter, base: Checkpoint, add) -> None:
+    """What the checks above do not see, merge's own plan does (trainable token rows beyond the
+    vocabulary, lora_bias without a base bias, tied-weight conflicts...): run it, so that an
+    adapter validate passes against a base is one merge takes."""
+    from .merge_plan import plan_merge
+
+    try:
+        plan_merge(base, adapter)
+    except LoraToolsError as exc:
+        add(exc.code if exc.code not in ("error", "shape", "config", "format") else "base-merge", ERROR, str(exc))
 
 
 # ---- many adapters --------------------------------------------------------------------------
