@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import loratools
-from common import LORATOOLS, make_7b_adapter, scratch
+from common import LORATOOLS, best_of, make_7b_adapter, scratch
 from loratools.ops.svd import svd_report
 
 
@@ -66,14 +67,18 @@ def main() -> None:
             seconds, _ = timed(lambda: torch.linalg.svdvals(adapter.delta(paths[0])), repeat=1)
             dense_total += seconds * len(paths)
             print(f"  dense SVD of one {shape[0]}x{shape[1]} ΔW: {seconds:6.2f} s  (x{len(paths)} modules)")
-        start = time.perf_counter()
-        subprocess.run([LORATOOLS, "svd", "--json", str(path)], check=True, stdout=subprocess.DEVNULL)
-        cli_s = time.perf_counter() - start
+        # Whole processes, as a user runs them: the floor is a Python that imports safetensors+torch
+        # and reads every tensor; `loratools svd` imports no torch at all (numpy reads bf16).
+        reader = f"import torch; from safetensors.torch import load_file; [v.clone() for v in load_file({str(weights)!r}).values()]"
+        process_load_s = best_of([sys.executable, "-c", reader])
+        cli_s = best_of([LORATOOLS, "svd", "--json", str(path)])
         size = weights.stat().st_size
         print(f"adapter: {len(adapter.modules)} modules, r=64, bf16, {size / 2**20:.0f} MiB")
         print(f"  read the file's bytes               {read_s:8.2f} s")
         print(f"  load all tensors (safetensors)      {load_s:8.2f} s")
-        print(f"  loratools svd (load + analyse)      {ours_s:8.2f} s   (CLI end to end {cli_s:.2f} s)")
+        print(f"  loratools svd (load + analyse)      {ours_s:8.2f} s")
+        print(f"  process: import torch + read all    {process_load_s:8.2f} s")
+        print(f"  process: loratools svd --json       {cli_s:8.2f} s")
         print(f"  dense SVD of every ΔW (extrapolated) {dense_total:7.0f} s")
         if cold:
             print(f"  cold page cache: load {cold_load_s:.2f} s, loratools svd {cold_ours_s:.2f} s")
@@ -83,6 +88,7 @@ def main() -> None:
         if cold:
             print(f"  loratools / load    {cold_ours_s / cold_load_s:8.2f}x   (cold page cache)")
         print(f"  loratools / read    {ours_s / read_s:8.2f}x")
+        print(f"  svd CLI / torch-reading process {cli_s / process_load_s:6.2f}x   (target <= 1.5x)")
         assert len(report["modules"]) == 224
 
 

@@ -339,6 +339,11 @@ class Adapter:
         module = self.modules[path]
         return self.tensors.get(module.a_key), self.tensors.get(module.b_key)
 
+    def factor_arrays(self, path: str):
+        """factors() as numpy arrays, read without importing torch (bf16 widened to float32)."""
+        module = self.modules[path]
+        return self.tensors.array(module.a_key), self.tensors.array(module.b_key)
+
     def delta(self, path: str, device: "torch.device | str | None" = None) -> "torch.Tensor":
         """ΔW = s·B@A in float32, in the base weight's own orientation (transposed for Conv1D
         and embeddings)."""

@@ -104,8 +104,17 @@ def _imports(*args: str) -> str:
     return result.stderr
 
 
-@pytest.mark.parametrize("args", [["--help"], ["info", str(ADAPTERS / "llama-dora")], ["info", "--json", str(ADAPTERS / "gpt2-conv1d")]])
-def test_help_and_info_do_not_import_torch(args):
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["info", str(ADAPTERS / "llama-dora")],
+        ["info", "--json", str(ADAPTERS / "gpt2-conv1d")],
+        ["svd", str(ADAPTERS / "llama-rslora-patterns")],  # bf16 factors: widened by numpy
+        ["svd", "--json", str(ADAPTERS / "gpt2-conv1d")],
+    ],
+)
+def test_help_info_and_svd_do_not_import_torch(args):
     log = _imports(*args)
     imported = {line.split("|")[-1].strip() for line in log.splitlines() if line.startswith("import time:")}
     assert "loratools.cli" in imported  # the log is real

@@ -187,3 +187,21 @@ def test_resize_library_api():
     resized, modules = resize_adapter(adapter, rank=1)
     assert all(m.new_rank == 1 for m in modules)
     assert all(resized.modules[p].magnitude_key for p in resized.modules)  # DoRA magnitudes kept
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_numpy_read_of_half_precision_factors_equals_torch(tmp_path, dtype):
+    """svd reads factors with numpy alone (no torch import): bf16 is widened by a bit shift, which
+    must give exactly torch's float32 values, and the spectra must still equal a dense SVD."""
+    source = loratools.load_adapter(ADAPTERS / "llama-basic")
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    loratools.save_adapter(loratools.Adapter.from_tensors(source.config.raw, tensors), tmp_path / "half")
+    adapter = loratools.load_adapter(tmp_path / "half")
+    for path in adapter.modules:
+        (a_np, b_np), (a_t, b_t) = adapter.factor_arrays(path), adapter.factors(path)
+        assert a_t.dtype == dtype
+        np.testing.assert_array_equal(a_np, a_t.float().numpy() if dtype != torch.float64 else a_t.numpy())
+        np.testing.assert_array_equal(b_np, b_t.float().numpy() if dtype != torch.float64 else b_t.numpy())
+    for m in svd_report(adapter)["modules"]:
+        dense = np.linalg.svd(dense_delta(adapter, m["name"]), compute_uv=False)[: m["rank"]]
+        np.testing.assert_allclose(m["singular_values"][: len(dense)], dense, rtol=1e-5, atol=1e-9 * dense[0])

@@ -39,6 +39,11 @@ class TensorStore:
     def get(self, key: str) -> "torch.Tensor":
         raise NotImplementedError
 
+    def array(self, key: str):
+        """The tensor as a numpy array (bfloat16 widened to float32, which is exact)."""
+        tensor = self.get(key)
+        return (tensor.float() if tensor.dtype.is_floating_point and tensor.dtype.itemsize < 4 else tensor).numpy()
+
     def finite(self, key: str) -> bool:
         """No NaN or Inf in the tensor (always true for integer tensors)."""
         import torch
@@ -53,6 +58,10 @@ class TensorStore:
 # Float formats as bit fields: (unsigned view, exponent mask). A value is NaN/Inf when its exponent
 # bits are all ones.
 _BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF0000000000000)}
+
+
+# Safetensors codes numpy reads natively (BF16 by widening; see SafetensorsStore.array).
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1"}
 
 
 class SafetensorsStore(TensorStore):
@@ -83,6 +92,18 @@ class SafetensorsStore(TensorStore):
             if data.size and fh.readinto(memoryview(data)) != data.size:
                 raise FormatError(f"{os.path.basename(self.path)}: ended early while reading {key} (truncated meanwhile?)", code="input-changed")
         return data
+
+    def array(self, key: str):
+        """Read with numpy alone (no torch import): what `loratools svd` needs."""
+        import numpy as np
+
+        info = self.header.tensors[key]
+        if info.dtype not in _NUMPY_DTYPES:
+            return super().array(key)
+        data = self.raw(key)
+        if info.dtype == "BF16":  # the top half of a float32: widen by a shift, exactly
+            return (data.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
+        return data.view(_NUMPY_DTYPES[info.dtype]).reshape(info.shape)
 
     def get(self, key: str) -> "torch.Tensor":
         import torch

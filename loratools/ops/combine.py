@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..adapter import PREFIX, Adapter
@@ -174,7 +175,7 @@ def _svd(path, inputs, rank, energy):
         k = max(1, energy_rank([float(x) for x in svd.s], energy))
     else:
         k = rank if rank is not None else max(adapter.modules[path].rank for adapter, _ in inputs)
-    return balanced_factors(svd, min(k, svd.s.shape[0]))
+    return tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in balanced_factors(svd, min(k, svd.s.shape[0])))
 
 
 def _peft_style(path, inputs, method, density, majority_sign, mask_fn):

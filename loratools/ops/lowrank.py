@@ -15,43 +15,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
+
+# numpy rather than torch: `loratools svd` then runs without importing torch (about a second of
+# start-up), and float64 linear algebra is as fast through numpy's BLAS.
 
 
 @dataclass
 class LowRankSVD:
-    u: torch.Tensor | None  # (out, k) left singular vectors, float64; None if not asked for
-    s: torch.Tensor  # (k,) singular values, descending, float64
-    vh: torch.Tensor | None  # (k, in) right singular vectors, float64
+    u: np.ndarray | None  # (out, k) left singular vectors, float64; None if not asked for
+    s: np.ndarray  # (k,) singular values, descending, float64
+    vh: np.ndarray | None  # (k, in) right singular vectors, float64
 
 
-def factored_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0, vectors: bool = False) -> LowRankSVD:
+def as_float64(x) -> np.ndarray:
+    """A numpy array or a CPU torch tensor (any float dtype) as a float64 numpy array."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64, copy=False)
+    return x.double().numpy()
+
+
+def factored_svd(b, a, scale: float = 1.0, vectors: bool = False) -> LowRankSVD:
     """SVD of scale·B·A (B: out×r, A: r×in), in float64; k = min(out, in, r) values (Gram path:
     r values, the extra ones zero)."""
-    b = b.to(torch.float64)
-    a = a.to(torch.float64)
+    b, a = as_float64(b), as_float64(a)
     if not vectors:
         core = scale * (_gram_root(b) @ _gram_root(a.T).T)
-        return LowRankSVD(None, torch.linalg.svdvals(core), None)
-    qb, rb = torch.linalg.qr(b)  # qb (out, kb), rb (kb, r)
-    qa, ra = torch.linalg.qr(a.T)  # qa (in, ka), ra (ka, r)
-    uc, s, vch = torch.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
+        return LowRankSVD(None, np.linalg.svd(core, compute_uv=False), None)
+    qb, rb = np.linalg.qr(b)  # qb (out, kb), rb (kb, r)
+    qa, ra = np.linalg.qr(a.T)  # qa (in, ka), ra (ka, r)
+    uc, s, vch = np.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
     return LowRankSVD(qb @ uc, s, vch @ qa.T)
 
 
-def _gram_root(x: torch.Tensor) -> torch.Tensor:
+def _gram_root(x: np.ndarray) -> np.ndarray:
     """R (r×r) with RᵀR = xᵀx, for x (n×r); fine when x is rank-deficient."""
-    eigenvalues, vectors = torch.linalg.eigh(x.T @ x)
-    return eigenvalues.clamp_min(0).sqrt().unsqueeze(1) * vectors.T
+    eigenvalues, vectors = np.linalg.eigh(x.T @ x)
+    return np.sqrt(np.clip(eigenvalues, 0, None))[:, None] * vectors.T
 
 
-def balanced_factors(svd: LowRankSVD, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_factors(svd: LowRankSVD, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(A', B') of the rank-k truncation U_k·S_k·Vh_k, split evenly: B' = U·√S, A' = √S·Vh."""
-    root = svd.s[:k].sqrt()
-    return root.unsqueeze(1) * svd.vh[:k], svd.u[:, :k] * root
+    root = np.sqrt(svd.s[:k])
+    return root[:, None] * svd.vh[:k], svd.u[:, :k] * root
 
 
-def padded(values: torch.Tensor, length: int) -> list[float]:
+def padded(values, length: int) -> list[float]:
     """Singular values as a list of exactly `length` (a rank-r product has r values, the missing
     ones being zero when out or in is smaller than r)."""
     out = [float(x) for x in values[:length]]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
 
 from ..adapter import Adapter
 from ..config import with_module_ranks
@@ -50,7 +52,7 @@ def resize_adapter(adapter: Adapter, rank: int | None = None, energy: float | No
             report.append(ResizedModule(path, module.rank, module.rank, 1.0))
             continue
         new_a, new_b = balanced_factors(svd, k)
-        new_a, new_b = new_a.to(a.dtype).contiguous(), new_b.to(b.dtype).contiguous()
+        new_a, new_b = (torch.from_numpy(np.ascontiguousarray(x)).to(t.dtype) for x, t in ((new_a, a), (new_b, b)))
         tensors[module.b_key], tensors[module.a_key] = new_b, new_a
         ranks[path] = (k, float(k) ** 0.5 if use_rslora else k)  # scaling alpha/r (or alpha/√r) = 1
         total = sum(x * x for x in sigma)

@@ -54,7 +54,7 @@ def module_spectra(adapter: Adapter, paths: Iterable[str] | None = None) -> dict
     out = {}
     for path in paths or adapter.modules:
         module = adapter.modules[path]
-        a, b = adapter.factors(path)
+        a, b = adapter.factor_arrays(path)
         out[path] = padded(factored_svd(b, a, module.scaling).s, module.rank)
     return out
 
