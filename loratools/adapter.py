@@ -162,10 +162,14 @@ class Adapter:
             if not _factor_parts(ps) and not set(ps) <= {"base_layer.bias", "base_layer.weight"}:
                 stray = ", ".join(sorted(ps))
                 self._problem(path, ShapeError(f"module {path}: has {stray} but no LoRA factors (lora_A/lora_B)", code="stray-tensor"))
+        saved_modules = [p for p in extra_paths if any(p == n or p.endswith("." + n) for n in self.config.modules_to_save)]
         for key in plain:
             target = key[len(PREFIX) :]
             module = target.rsplit(".", 1)[0]
-            if any(module == name or module.endswith("." + name) for name in self.config.modules_to_save):
+            if module in saved_modules:
+                self.extras.append(Extra(key, "modules_to_save", target))
+            elif self._tied_head_copy(module, saved_modules):
+                # ensure_weight_tying with a saved embedding: PEFT also stores the tied head's copy
                 self.extras.append(Extra(key, "modules_to_save", target))
             elif target.endswith(".bias") and self.config.bias == "all":
                 self.extras.append(Extra(key, "bias", target))
@@ -187,6 +191,16 @@ class Adapter:
             self._problem(None, ConfigError(
                 "adapter_config.json says use_dora but the weights have no lora_magnitude_vector", code="dora-mismatch"
             ))
+
+    def _role(self, path: str) -> Role | None:
+        det = self.detection
+        ref = locate(det.architecture, det.prefix, path) if det.known and det.prefix is not None else None
+        return ref.role if ref else None
+
+    def _tied_head_copy(self, path: str, saved_modules: list[str]) -> bool:
+        """`path` is the lm_head PEFT ties (ensure_weight_tying) to a token embedding in modules_to_save."""
+        return (bool(self.config.raw.get("ensure_weight_tying")) and self._role(path) is Role.LM_HEAD
+                and any(self._role(m) is Role.TOKEN_EMBED for m in saved_modules))
 
     def _problem(self, module: str | None, error: LoraToolsError) -> None:
         if not self._collect:

@@ -65,3 +65,43 @@ def merge(
     checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
     plan = plan_merge(checkpoint, adapter, scale=scale, dtype=dtype)
     return merge_checkpoint(plan, out, device=device, force=force, progress=progress)
+
+
+def extract(
+    base: str | os.PathLike,
+    finetuned: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int = 256,
+    modules: Iterable[str] | None = None,
+    embeddings: str = "lora",
+    device: str = "auto",
+    dtype: str | None = None,
+    exact: bool = False,
+    force: bool = False,
+) -> dict:
+    """Write to `out` a PEFT LoRA adapter approximating `finetuned` − `base` (both checkpoints:
+    directories, .safetensors files or Hub ids) and return the report (the `extract --json` schema).
+
+    Exactly one of rank (every module rank K) or energy (each module the smallest rank keeping
+    this fraction of ‖ΔW‖², at most max_rank). modules: roles or leaf names to extract (default:
+    every changed Linear/Conv1D). embeddings: "lora", "save" (modules_to_save) or "skip".
+    """
+    from .formats.atomic import check_output, refuse_overlap
+    from .formats.checkpoint import open_checkpoint
+    from .hub import BASE_IGNORE_PATTERNS
+    from .ops.extract import extract_adapter
+
+    base_path = resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS)
+    tuned_path = resolve(finetuned, ignore_patterns=BASE_IGNORE_PATTERNS)
+    refuse_overlap(out, [base_path, tuned_path])  # before minutes of SVD, not after
+    check_output(out, force)
+    adapter, report = extract_adapter(
+        open_checkpoint(base_path), open_checkpoint(tuned_path), rank=rank, energy=energy, max_rank=max_rank,
+        modules=modules, embeddings=embeddings, device=device, dtype=dtype, exact=exact, base_name=os.fspath(base),
+    )
+    write_adapter(adapter, out, force=force, inputs=[base_path, tuned_path])
+    report.out = os.fspath(out)
+    return report.to_dict()

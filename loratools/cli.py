@@ -121,6 +121,37 @@ def merge(base, adapter, out, device, scale, dtype, force, quiet, as_json) -> No
 
 
 @main.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.argument("out", type=click.Path())
+@click.option("--rank", type=int, help="Rank K for every module.")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖² (0-1].")
+@click.option("--max-rank", default=256, show_default=True, help="With --energy: the largest rank a module may get.")
+@click.option("--modules", help="Comma-separated roles (attn_q, ffn_down...) or leaf names (q_proj...) [default: every changed Linear].")
+@click.option("--embeddings", type=click.Choice(["lora", "save", "skip"]), default="lora", show_default=True,
+              help="A changed token embedding: LoRA, stored whole (modules_to_save) or left out (reported).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Factor dtype [default: the weights' own].")
+@click.option("--exact", is_flag=True, help="Full SVD of every module instead of the randomized one (slower, same result up to round-off).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report (schema in the README).")
+def extract(base, finetuned, out, rank, energy, max_rank, modules, embeddings, device, dtype, exact, force, as_json) -> None:
+    """Write a LoRA adapter OUT approximating FINETUNED − BASE (the inverse of merge).
+
+    Streams both checkpoints tensor by tensor; each changed Linear/Conv1D weight gets its best
+    rank-K (or energy-T) approximation, balanced factors, scaling 1. Reports the energy kept and
+    the relative error per module, and every changed tensor the adapter cannot carry.
+    """
+    from .api import extract as run_extract
+    from .ops.extract import render_extract
+
+    chosen = [m.strip() for m in modules.split(",") if m.strip()] if modules else None
+    report = run_extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank, modules=chosen,
+                         embeddings=embeddings, device=device, dtype=dtype, exact=exact, force=force)
+    _print_json(report) if as_json else click.echo(render_extract(report))
+
+
+@main.command()
 @click.argument("adapter")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
 @click.option("--threshold", "thresholds", type=float, multiple=True, metavar="T",

@@ -297,3 +297,22 @@ def test_validate_base_runs_merges_own_plan(tmp_path):
     merged = run_cli("merge", base_dir, adapter_dir, tmp_path / "out")
     assert_clean_error(merged, "up to token 70")
     assert findings[0]["message"] in merged.stderr
+
+
+@pytest.mark.parametrize("how", [{"target_modules": ["q_proj", "embed_tokens"]},
+                                 {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}])
+def test_ensure_weight_tying_embedding_merges_as_the_peft_model_computes(tmp_path, how):
+    """PEFT ties the head's adapter to the embedding's and saves both copies. The PEFT model applies
+    the change once to the shared weight; merge_and_unload adds a tied LoRA twice (PEFT #2777).
+    loratools merges what the model computes: its logits equal the PEFT model's."""
+    import transformers
+
+    from tests.peft_ref import outputs, peft_model
+
+    base_dir, adapter_dir = peft_adapter(tmp_path, tied_llama, ensure_weight_tying=True, **how)
+    out = tmp_path / "out"
+    result = run_cli("merge", base_dir, adapter_dir, out)
+    assert result.returncode == 0, result.stderr
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    torch.testing.assert_close(outputs(merged, "llama"), outputs(peft_model(tied_llama, adapter_dir), "llama"), atol=1e-5, rtol=1e-4)
+    assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0

@@ -93,6 +93,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
                 raise ShapeError(f"module {module.path}: lora_bias=True but the base layer has no bias (PEFT cannot merge it either)")
             ops.setdefault(bias, TensorOps()).lora_biases.append(module)
     for name, op in ops.items():
+        _drop_tied_copy(adapter, name, op)
         nonadditive = [m.path for m in op.modules if m.magnitude_key or m.diag_key]
         if op.rows and (op.modules or op.replace_key):
             raise UnsupportedError(f"base {name} gets trainable tokens and another change (tied weights?); loratools does not combine them")
@@ -100,6 +101,24 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
             raise UnsupportedError(f"base {name} is changed by {len(op.modules)} modules, one of them DoRA/KaSA ({nonadditive[0]}), "
                                    "whose merge depends on the order (tied weights?)")
     return MergePlan(base, adapter, ops, scale, DTYPE_CODES[dtype] if dtype else None)
+
+
+def _drop_tied_copy(adapter: Adapter, name: str, op: TensorOps) -> None:
+    """With ensure_weight_tying, PEFT gives a tied lm_head the embedding's own LoRA (and saves both).
+    The PEFT model applies that ΔW once to the shared weight, but merge_and_unload adds it twice
+    (once per module; PEFT issue #2777). loratools merges what the PEFT model computes: once."""
+    embeds = [m for m in op.modules if m.role is Role.TOKEN_EMBED]
+    heads = [m for m in op.modules if m.role is Role.LM_HEAD]
+    if not (adapter.config.raw.get("ensure_weight_tying") and len(embeds) == 1 and len(heads) == 1):
+        return
+    import numpy as np
+
+    embed, head = embeds[0], heads[0]
+    (ea, eb), (ha, hb) = adapter.factor_arrays(embed.path), adapter.factor_arrays(head.path)
+    if embed.scaling != head.scaling or not (np.array_equal(ha, eb.T) and np.array_equal(hb, ea.T)):
+        raise UnsupportedError(f"base {name} is tied: {embed.path} and {head.path} carry different LoRA weights; "
+                               "the PEFT model and PEFT's merge would disagree, loratools refuses to pick one")
+    op.modules.remove(head)
 
 
 def _require_finite(adapter: Adapter) -> None:
