@@ -303,8 +303,6 @@ def _architecture(base: Checkpoint):
     if detection is None or not detection.known:
         why = detection.reason if detection is not None else "no config.json and no known module names"
         raise UnsupportedError(f"cannot tell which modules of BASE are Linear layers: {why}")
-    if ARCHITECTURES[detection.architecture].scheme == "gpt2" and not detection.family_known:
-        raise UnsupportedError("GPT-2 module names without a config.json: GPT-2 (Conv1D) and StarCoder (Linear) store them differently")
     arch = ARCHITECTURES[detection.architecture]
     head = arch.head(detection.head) if detection.head else None
     prefix = detection.prefix if detection.prefix is not None else (head.prefix if head else arch.heads[0].prefix)
