@@ -16,7 +16,6 @@ sketch (the full spectrum then decides), and everywhere with --exact.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,7 +25,7 @@ import torch
 from ..adapter import PREFIX, Adapter
 from ..arch import ARCHITECTURES, Layout, Role, detect_from_config, detect_from_paths, locate
 from ..config import with_module_ranks
-from ..errors import FormatError, ShapeError, UnsupportedError, UsageError
+from ..errors import ShapeError, UnsupportedError, UsageError
 from ..formats.checkpoint import Checkpoint
 from ..formats.safetensors_header import FLOAT_DTYPES
 from ..formats.tensors import SafetensorsStore
