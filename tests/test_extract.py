@@ -127,10 +127,12 @@ def test_randomized_svd_finds_the_best_approximation():
     u = torch.linalg.qr(torch.randn(m, m, generator=gen)).Q
     v = torch.linalg.qr(torch.randn(n, m, generator=gen)).Q
     d = (u * (1.0 / torch.arange(1, m + 1) ** 0.5)) @ v.T
+    total = float(torch.linalg.norm(d)) ** 2
     for k in (4, 16, 64):
-        a, b, kept, method = _low_rank(d, k, None, 256, False, torch.Generator().manual_seed(0))
+        a, b, kept, method = _low_rank(d, total, k, None, 256, False, torch.Generator().manual_seed(0))
         assert method == "randomized" and a.shape == (k, n) and b.shape == (m, k)
-        best = torch.linalg.norm(d - _low_rank(d, k, None, 256, True, None)[1] @ _low_rank(d, k, None, 256, True, None)[0])
+        best_a, best_b, _, _ = _low_rank(d, total, k, None, 256, True, None)
+        best = torch.linalg.norm(d - best_b @ best_a)
         assert torch.linalg.norm(d - b @ a) <= best * 1.02
         assert kept == pytest.approx(1 - float(torch.linalg.norm(d - b @ a)) ** 2 / float(torch.linalg.norm(d)) ** 2, abs=1e-5)
 

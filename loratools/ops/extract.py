@@ -119,11 +119,7 @@ def extract_adapter(
     dev = resolve_device(device)
     arch, prefix, head = _architecture(base)
     _require_same_tensors(base, finetuned)
-    tied = _tied_embedding(base, arch, prefix)
-    head_template = arch.template(Role.LM_HEAD)
-    head_path = head_template.path if head_template else None
-    if tied and head_path is None:
-        tied = None
+    tied, head_path = _tied_embedding(base, arch, prefix)
     report = ExtractReport(str(base.path), str(finetuned.path), tied_embedding=tied is not None)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
@@ -141,7 +137,7 @@ def extract_adapter(
             report.not_extracted[name] = f"changed {info.dtype} tensor (not a float weight)"
             continue
         module_path, _, leaf = name.rpartition(".")
-        ref = locate(arch, prefix, module_path) if arch else None
+        ref = locate(arch, prefix, module_path)
         if leaf == "bias":
             report.not_extracted[name] = "changed bias"  # saved below if its module is extracted
             continue
@@ -168,12 +164,12 @@ def extract_adapter(
         # D in the LoRA orientation: (out, in) for Linear; Conv1D (in, out) and Embedding (num, dim) are stored transposed
         d = diff if ref.layout is Layout.LINEAR else diff.T
         conv1d |= ref.layout is Layout.CONV1D
-        a, b, kept, method = _low_rank(d, rank, energy, max_rank, exact, generator)
-        a, b = a.to(out_dtype), b.to(out_dtype)
         total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+        a, b, kept, method = _low_rank(d, total, rank, energy, max_rank, exact, generator)
+        a, b = a.to(out_dtype), b.to(out_dtype)
         error = float(torch.linalg.vector_norm(d - b.to(torch.float32) @ a.to(torch.float32)))
         k = a.shape[0]
-        if energy is not None and kept < energy * (1 - 1e-9) and total > 0:
+        if energy is not None and kept < energy * (1 - 1e-9):
             report.energy_not_reached.append(module_path)
         a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if ref.layout is Layout.EMBEDDING else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PREFIX}{module_path}.{a_name}"] = a.cpu().contiguous()
@@ -196,10 +192,10 @@ def extract_adapter(
 # ---- the low-rank approximation -------------------------------------------------------------
 
 
-def _low_rank(d, rank, energy, max_rank, exact, generator):
-    """(A (k, in), B (out, k), retained energy, "randomized"|"exact") for D (out, in), float32."""
+def _low_rank(d, total, rank, energy, max_rank, exact, generator):
+    """(A (k, in), B (out, k), retained energy, "randomized"|"exact") for D (out, in), float32,
+    whose squared Frobenius norm is `total`."""
     limit = min(d.shape)
-    total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
     if total == 0:  # changed only in the sign of zeros: nothing to approximate
         return d.new_zeros(1, d.shape[1]), d.new_zeros(d.shape[0], 1), 1.0, "exact"
     wanted = min(rank if rank is not None else max_rank, limit)
@@ -208,17 +204,22 @@ def _low_rank(d, rank, energy, max_rank, exact, generator):
     u, s, vh = _exact_svd(d) if method == "exact" else _randomized_svd(d, sketch, generator)
     energies = (s.double() ** 2).cumsum(0) / total
     if energy is not None:
-        reached = int(torch.searchsorted(energies, torch.tensor([energy * (1 - 1e-12)], dtype=torch.float64)))
+        reached = _values_below(energies, energy)
         if reached >= wanted and method == "randomized":  # the sketch could not certify it: the full spectrum decides
             method = "exact"
             u, s, vh = _exact_svd(d)
             energies = (s.double() ** 2).cumsum(0) / total
-            reached = int(torch.searchsorted(energies, torch.tensor([energy * (1 - 1e-12)], dtype=torch.float64)))
+            reached = _values_below(energies, energy)
         k = min(reached + 1, wanted)
     else:
         k = wanted
     root = s[:k].sqrt()
     return root.unsqueeze(1) * vh[:k], u[:, :k] * root, min(float(energies[k - 1]), 1.0), method
+
+
+def _values_below(energies: torch.Tensor, target: float) -> int:
+    """How many leading cumulative energies fall short of `target` (up to round-off)."""
+    return int(torch.searchsorted(energies, torch.tensor([target * (1 - 1e-12)], dtype=torch.float64)))
 
 
 def _exact_svd(d):
@@ -308,13 +309,20 @@ def _architecture(base: Checkpoint):
     return arch, prefix, head
 
 
-def _tied_embedding(base: Checkpoint, arch, prefix: str) -> str | None:
-    """The token embedding's module path when the head is tied to it (no lm_head tensor stored)."""
-    embed = next((n.rpartition(".")[0] for n in base.weight_map
-                  if (ref := locate(arch, prefix, n.rpartition(".")[0])) and ref.role is Role.TOKEN_EMBED), None)
-    head_stored = any((ref := locate(arch, prefix, n.rpartition(".")[0])) and ref.role is Role.LM_HEAD for n in base.weight_map)
-    tie = (base.config or {}).get("tie_word_embeddings", not head_stored)
-    return embed if embed and tie and not head_stored else None
+def _tied_embedding(base: Checkpoint, arch, prefix: str) -> tuple[str | None, str | None]:
+    """(token embedding path, lm_head path) when the head is tied to the embedding (no lm_head
+    tensor stored), else (None, None)."""
+    roles = {}
+    for name in base.weight_map:
+        ref = locate(arch, prefix, name.rpartition(".")[0])
+        if ref is not None:
+            roles.setdefault(ref.role, name.rpartition(".")[0])
+    head = arch.template(Role.LM_HEAD)
+    embed = roles.get(Role.TOKEN_EMBED)
+    tie = (base.config or {}).get("tie_word_embeddings", Role.LM_HEAD not in roles)
+    if embed is None or head is None or not tie or Role.LM_HEAD in roles:
+        return None, None
+    return embed, head.path
 
 
 def _torch_dtype(dtype: str | None, code: str) -> torch.dtype:
