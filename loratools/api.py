@@ -45,6 +45,7 @@ def merge(
     dtype: str | None = None,
     force: bool = False,
     progress=None,
+    workers: int | None = None,
 ):
     """Merge `adapter` into the checkpoint `base` and write `out`, as PEFT's merge_and_unload would.
 
@@ -52,7 +53,8 @@ def merge(
     Hub repo id; adapter: a path, repo id or loaded Adapter. device: "auto" (CUDA when available),
     "cpu", "cuda", "cuda:N". scale multiplies every ΔW (-1 undoes a merge). dtype: "float32",
     "float16", "bfloat16" or None to keep each tensor's. progress(done_bytes, total_bytes) is called
-    after each tensor.
+    after each tensor. workers: shards merged at once on CPU, each in a forked process (default: one
+    per core, at most one per shard).
     Returns a MergeReport. Everything is checked before the first byte is written; `out` appears
     only when complete.
     """
@@ -64,7 +66,7 @@ def merge(
         adapter = load_adapter(adapter)
     checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
     plan = plan_merge(checkpoint, adapter, scale=scale, dtype=dtype)
-    return merge_checkpoint(plan, out, device=device, force=force, progress=progress)
+    return merge_checkpoint(plan, out, device=device, force=force, progress=progress, workers=workers)
 
 
 def extract(

@@ -95,10 +95,11 @@ def info(adapter: str, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply every ΔW (-1 undoes an earlier merge).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype of float tensors [default: keep each].")
+@click.option("--workers", type=click.IntRange(min=1), help="Shards merged at once on CPU, one process each [default: one per core].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (schema in the README).")
-def merge(base, adapter, out, device, scale, dtype, force, quiet, as_json) -> None:
+def merge(base, adapter, out, device, scale, dtype, workers, force, quiet, as_json) -> None:
     """Merge ADAPTER into the BASE checkpoint and write OUT, like PEFT's merge_and_unload.
 
     BASE is a model directory (model.safetensors, or shards with model.safetensors.index.json),
@@ -108,7 +109,8 @@ def merge(base, adapter, out, device, scale, dtype, force, quiet, as_json) -> No
     from .api import merge as run_merge
 
     with _progress_bar(enabled=not quiet and not as_json, label="merging") as progress:
-        report = run_merge(base, adapter, out, device=device, scale=scale, dtype=dtype, force=force, progress=progress)
+        report = run_merge(base, adapter, out, device=device, scale=scale, dtype=dtype, force=force, progress=progress,
+                           workers=workers)
     if as_json:
         _print_json(report.to_dict())
     elif not quiet:

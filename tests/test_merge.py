@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import loratools
 from loratools.ops import merge as merge_mod
+from loratools.ops import merge_shard
 from tests.broken import edit_config
 from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
 from tests.peft_ref import load_base, outputs, peft_merged_state_dict, peft_model
@@ -214,7 +215,7 @@ def test_output_may_not_overlap_an_input(tmp_path):
 
 def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
     calls = []
-    real = merge_mod._apply
+    real = merge_shard.apply_ops
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -222,7 +223,7 @@ def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
             raise OSError("No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merge_mod, "_apply", flaky)
+    monkeypatch.setattr(merge_shard, "apply_ops", flaky)
     with pytest.raises(OSError):
         loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-basic", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -282,9 +283,10 @@ def test_json_summary(tmp_path):
     result = run_cli("merge", BASES / "bert", ADAPTERS / "bert-modules-to-save", tmp_path / "out", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"base", "adapter", "out", "device", "shards", "tensors", "tensors_changed", "tensors_replaced",
+    assert set(report) == {"base", "adapter", "out", "device", "shards", "workers", "tensors", "tensors_changed", "tensors_replaced",
                            "bytes_written", "seconds", "skipped_files"}
     assert report["tensors_changed"] == 4 and report["tensors_replaced"] == 6 and report["device"] == "cpu"
+    assert report["workers"] == 1  # one shard
     assert report["bytes_written"] == (tmp_path / "out" / "model.safetensors").stat().st_size
 
 

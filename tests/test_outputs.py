@@ -74,12 +74,12 @@ def test_single_file_output_that_appears_meanwhile_is_left_alone(tmp_path):
 
 SLOW_MERGE = textwrap.dedent("""
     import sys, time
-    from loratools.ops import merge
-    real = merge._write_shard
+    from loratools.ops import merge_shard
+    real = merge_shard.write_shard
     def slow(*args, **kwargs):
         time.sleep(60)
         return real(*args, **kwargs)
-    merge._write_shard = slow
+    merge_shard.write_shard = slow
     from loratools.cli import main
     sys.argv = ["loratools", "merge", *sys.argv[1:]]
     main()

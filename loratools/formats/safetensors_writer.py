@@ -1,82 +1,148 @@
 """Write a safetensors file one tensor at a time, so a merge never holds a whole shard.
 
 The header (names, dtypes, shapes, offsets) is known before any data is, so it is written first
-and the tensors' bytes follow in header order. Memory use is one tensor, whatever the file size.
+and the tensors' bytes follow in header order, each as one or more chunks. The chunks are written
+by a background thread: the caller computes the next block while the last one is being copied
+into the page cache (file writes release the GIL). Buffers the caller fills come from a small
+ring of reusable slots, so memory use is a few blocks whatever the file size, and no byte is
+copied in user space on its way to the file.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import queue
 import struct
+import threading
 from typing import BinaryIO
 
 from ..errors import LoraToolsError
 from .safetensors_header import DTYPES
 
-COPY_CHUNK = 16 << 20
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
+    """The header of a file holding `entries` (name, dtype code, shape) in that order, and each
+    entry's size in bytes."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset, sizes = 0, []
+    for name, dtype, shape in entries:
+        size = DTYPES[dtype][0]
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        sizes.append(size)
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
+    return struct.pack("<Q", len(blob)) + blob, sizes
 
 
 class StreamingSafetensorsWriter:
-    def __init__(self, fh: BinaryIO, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
-        """entries: (name, dtype code such as "BF16", shape), in the order they will be written."""
+    """`begin(name)` each tensor in header order, then `write` its bytes in chunks; `close()`
+    waits for the last write and checks every tensor got exactly its size."""
+
+    SLOTS = 3  # one being filled, one queued, one being written
+
+    def __init__(self, fh: BinaryIO, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None,
+                 *, pin_memory: bool = False):
+        blob, sizes = encode_header(entries, metadata)
+        self._expected = [(name, size) for (name, _, _), size in zip(entries, sizes)]
+        self._index, self._left = -1, 0
         self._fh = fh
-        header: dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = dict(metadata)
-        offset = 0
-        self._expected: list[tuple[str, int]] = []
-        for name, dtype, shape in entries:
-            size = DTYPES[dtype][0]
-            for d in shape:
-                size *= d
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self._expected.append((name, size))
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        self._next = 0
+        self._pin = pin_memory
+        self._queue: queue.Queue = queue.Queue(maxsize=self.SLOTS)
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(self.SLOTS):
+            self._free.put(None)  # a slot, allocated on first use
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
+        self._thread.start()
+        self._put(memoryview(blob), None, None)
 
-    def write(self, name: str, data) -> None:
-        """Append the raw bytes of the next tensor (anything supporting the buffer protocol)."""
-        expected_name, size = self._expected[self._next]
-        view = memoryview(data).cast("B")
-        if name != expected_name or view.nbytes != size:
-            raise LoraToolsError(f"internal: wrote {name} ({view.nbytes} B) where {expected_name} ({size} B) was due")
-        self._fh.write(view)
-        self._next += 1
+    # ---- the caller's side --------------------------------------------------------------
 
-    def copy_from(self, name: str, src: BinaryIO, start: int) -> None:
-        """Append the next tensor by copying its bytes from an open file at `start`, in the
-        kernel where it can (copy_file_range), so the bytes never pass through Python."""
-        expected_name, size = self._expected[self._next]
-        if name != expected_name:
-            raise LoraToolsError(f"internal: copied {name} where {expected_name} was due")
-        self._fh.flush()
-        copied = 0
-        if hasattr(os, "copy_file_range"):
-            try:
-                while copied < size:
-                    n = os.copy_file_range(src.fileno(), self._fh.fileno(), size - copied, start + copied)
-                    if n == 0:
-                        break
-                    copied += n
-                # copy_file_range moved the file position of the output; keep the Python object in step
-                self._fh.seek(0, os.SEEK_END)
-            except OSError:  # e.g. not supported across these filesystems: fall back to read/write
-                self._fh.seek(0, os.SEEK_END)
-        src.seek(start + copied)
-        remaining = size - copied
-        while remaining:
-            block = src.read(min(COPY_CHUNK, remaining))
-            if not block:
-                raise LoraToolsError(f"{getattr(src, 'name', 'input')}: ended early while copying {name}")
-            self._fh.write(block)
-            remaining -= len(block)
-        self._next += 1
+    def begin(self, name: str) -> int:
+        """Start the next tensor; returns its size in bytes."""
+        self._check_done()
+        self._index += 1
+        if self._index >= len(self._expected) or self._expected[self._index][0] != name:
+            due = self._expected[self._index][0] if self._index < len(self._expected) else "nothing"
+            raise LoraToolsError(f"internal: began {name} where {due} was due")
+        self._left = self._expected[self._index][1]
+        return self._left
+
+    def buffer(self, nbytes: int):
+        """A uint8 tensor of `nbytes` to fill and hand back with `write(..., slot=...)`. Blocks
+        while every slot is still queued or being written."""
+        import torch
+
+        self._raise_pending()
+        slot = self._free.get()
+        if slot is None or slot.numel() < nbytes:
+            slot = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+        self._slot = slot
+        return slot[:nbytes]
+
+    def write(self, data, *, slot: bool = False, ready=None) -> None:
+        """Queue the next chunk of the current tensor: anything with the buffer protocol (a
+        memory map's view: written straight from the page cache), or with `slot=True` the
+        tensor last returned by `buffer()`. `ready`: an event (e.g. a CUDA event) to wait for
+        before the bytes are read."""
+        if slot:
+            nbytes, owner, data = data.numel(), self._slot, data
+        else:
+            data = memoryview(data).cast("B")
+            nbytes, owner = data.nbytes, None
+        if nbytes > self._left:
+            raise LoraToolsError(f"internal: {self._expected[self._index][0]} got more than its {self._expected[self._index][1]} bytes")
+        self._left -= nbytes
+        self._put(data, owner, ready)
 
     def close(self) -> None:
-        if self._next != len(self._expected):
-            raise LoraToolsError(f"internal: {len(self._expected) - self._next} tensors were never written")
+        self._check_done()
+        if self._index + 1 != len(self._expected):
+            self.abort()
+            raise LoraToolsError(f"internal: {len(self._expected) - self._index - 1} tensors were never written")
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_pending()
+
+    def abort(self) -> None:
+        """Stop writing (the file is being thrown away): drop what is queued, end the thread."""
+        self._error = self._error or LoraToolsError("aborted")
+        self._queue.put(None)
+        self._thread.join()
+
+    def _check_done(self) -> None:
+        if self._index >= 0 and self._left:
+            name, size = self._expected[self._index]
+            raise LoraToolsError(f"internal: {name} got {size - self._left} of its {size} bytes")
+
+    def _put(self, data, owner, ready) -> None:
+        self._raise_pending()
+        self._queue.put((data, owner, ready))
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, LoraToolsError("aborted")
+            raise error
+
+    # ---- the writer thread --------------------------------------------------------------
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            data, owner, ready = item
+            try:
+                if self._error is None:
+                    if ready is not None:
+                        ready.synchronize()
+                    view = memoryview(data.numpy()) if owner is not None else data
+                    while view.nbytes:  # a raw file may write less than asked
+                        view = view[self._fh.write(view):]
+            except BaseException as exc:  # reported to the caller at its next call
+                self._error = exc
+            finally:
+                if owner is not None:
+                    self._free.put(owner)

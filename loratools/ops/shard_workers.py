@@ -1,0 +1,114 @@
+"""Run independent jobs (one per shard) in forked worker processes, a few at a time.
+
+Why processes: the page-cache copies of a merge are kernel work that one process does on one
+core; shards are independent, so N processes write N shards at N cores' speed. Why fork: the
+plan (adapter, headers) is inherited, nothing is pickled or re-read. And a worker that dies is
+reported, not fatal: a base file truncated under a memory map kills the reader with SIGBUS,
+which here becomes a one-line error while the parent removes the partial output.
+
+Workers report progress and results through a pipe; they never print, never clean up (the
+parent owns the output directory) and leave Ctrl-C to the parent, which kills them on any error.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+from typing import Callable, Sequence, TypeVar
+
+from ..errors import FormatError, LoraToolsError
+
+Job = TypeVar("Job")
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    work: Callable[[Job, Callable[[int], None]], int],
+    workers: int,
+    describe: Callable[[Job], str],
+    progress: Callable[[int], None] | None = None,
+) -> list[int]:
+    """work(job, progress) for every job, at most `workers` at once in forked processes (in this
+    process when workers is 1 and fork is unavailable). Returns each job's result, in job order.
+    The first failure kills the other workers and is raised here."""
+    report = progress or (lambda n: None)
+    if not can_fork():
+        return [work(job, report) for job in jobs]
+    ctx = multiprocessing.get_context("fork")
+    results: dict[int, int] = {}
+    waiting = list(enumerate(jobs))
+    running: dict[multiprocessing.connection.Connection, tuple[int, multiprocessing.Process]] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < max(1, workers):
+                i, job = waiting.pop(0)
+                receiver, sender = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker, args=(work, job, sender), daemon=True)
+                proc.start()
+                sender.close()  # the worker's end: EOF here once it exits
+                running[receiver] = (i, proc)
+            for conn in multiprocessing.connection.wait(list(running)):
+                i, proc = running[conn]
+                try:
+                    message = conn.recv()
+                except EOFError:  # exited without a result: killed by a signal
+                    proc.join()
+                    raise _died(describe(jobs[i]), proc.exitcode) from None
+                kind, *payload = message
+                if kind == "progress":
+                    report(payload[0])
+                    continue
+                del running[conn]
+                conn.close()
+                proc.join()
+                if kind == "done":
+                    results[i] = payload[0]
+                elif kind == "raise":
+                    raise payload[0]  # as raised in the worker: a LoraToolsError with its code, an OSError...
+                else:
+                    type_name, text = payload
+                    raise RuntimeError(f"{type_name} while working on {describe(jobs[i])}: {text}")
+    finally:
+        for conn, (_, proc) in running.items():
+            proc.kill()
+            proc.join()
+            conn.close()
+    return [results[i] for i in range(len(jobs))]
+
+
+def _worker(work, job, conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_DFL)
+    try:
+        result = work(job, lambda n: conn.send(("progress", n)))
+        conn.send(("done", result))
+    except BaseException as exc:  # raised again by the parent
+        try:
+            conn.send(("raise", exc))
+        except Exception:  # an exception that does not pickle: its name and first line
+            conn.send(("crash", type(exc).__name__, (str(exc).strip().splitlines() or [""])[0]))
+    finally:
+        conn.close()
+
+
+def _died(what: str, exitcode: int | None) -> LoraToolsError:
+    if exitcode == -signal.SIGBUS:
+        return FormatError(f"{what}: changed on disk while it was being read (truncated?); nothing was written", code="input-changed")
+    if exitcode == -signal.SIGKILL:
+        return LoraToolsError(f"the worker for {what} was killed (out of memory? try --workers 1); nothing was written", code="worker-killed")
+    return LoraToolsError(f"the worker for {what} stopped unexpectedly (exit status {exitcode}); nothing was written", code="worker-died")
