@@ -95,7 +95,7 @@ def info(adapter: str, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply every ΔW (-1 undoes an earlier merge).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype of float tensors [default: keep each].")
-@click.option("--workers", type=click.IntRange(min=1), help="Shards merged at once on CPU, one process each [default: one per core].")
+@click.option("--workers", type=int, help="Shards merged at once on CPU, one process each [default: one per core].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (schema in the README).")

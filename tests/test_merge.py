@@ -215,7 +215,7 @@ def test_output_may_not_overlap_an_input(tmp_path):
 
 def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
     calls = []
-    real = merge_shard.apply_ops
+    real = merge_shard._merge_tensor
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -223,7 +223,7 @@ def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
             raise OSError("No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merge_shard, "apply_ops", flaky)
+    monkeypatch.setattr(merge_shard, "_merge_tensor", flaky)
     with pytest.raises(OSError):
         loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-basic", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,9 @@ import json
 import queue
 import struct
 import threading
-from typing import BinaryIO
+from typing import BinaryIO, Callable
+
+import numpy as np
 
 from ..errors import LoraToolsError
 from .safetensors_header import DTYPES
@@ -46,12 +48,14 @@ class StreamingSafetensorsWriter:
     SLOTS = 3  # one being filled, one queued, one being written
 
     def __init__(self, fh: BinaryIO, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None,
-                 *, pin_memory: bool = False):
+                 *, allocate: Callable[[int], "np.ndarray"] | None = None):
+        """allocate(nbytes): a uint8 array for a buffer slot (e.g. pinned memory for a GPU);
+        plain numpy memory by default."""
         blob, sizes = encode_header(entries, metadata)
         self._expected = [(name, size) for (name, _, _), size in zip(entries, sizes)]
         self._index, self._left = -1, 0
         self._fh = fh
-        self._pin = pin_memory
+        self._allocate = allocate or (lambda n: np.empty(n, dtype=np.uint8))
         self._queue: queue.Queue = queue.Queue(maxsize=self.SLOTS)
         self._free: queue.Queue = queue.Queue()
         for _ in range(self.SLOTS):
@@ -73,28 +77,23 @@ class StreamingSafetensorsWriter:
         self._left = self._expected[self._index][1]
         return self._left
 
-    def buffer(self, nbytes: int):
-        """A uint8 tensor of `nbytes` to fill and hand back with `write(..., slot=...)`. Blocks
+    def buffer(self, nbytes: int) -> "np.ndarray":
+        """A uint8 array of `nbytes` to fill and hand back with `write(..., slot=True)`. Blocks
         while every slot is still queued or being written."""
-        import torch
-
         self._raise_pending()
         slot = self._free.get()
-        if slot is None or slot.numel() < nbytes:
-            slot = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+        if slot is None or slot.size < nbytes:
+            slot = self._allocate(max(nbytes, 1))
         self._slot = slot
         return slot[:nbytes]
 
     def write(self, data, *, slot: bool = False, ready=None) -> None:
         """Queue the next chunk of the current tensor: anything with the buffer protocol (a
         memory map's view: written straight from the page cache), or with `slot=True` the
-        tensor last returned by `buffer()`. `ready`: an event (e.g. a CUDA event) to wait for
+        array last returned by `buffer()`. `ready`: an event (e.g. a CUDA event) to wait for
         before the bytes are read."""
-        if slot:
-            nbytes, owner, data = data.numel(), self._slot, data
-        else:
-            data = memoryview(data).cast("B")
-            nbytes, owner = data.nbytes, None
+        data = memoryview(data).cast("B")
+        nbytes, owner = data.nbytes, (self._slot if slot else None)
         if nbytes > self._left:
             raise LoraToolsError(f"internal: {self._expected[self._index][0]} got more than its {self._expected[self._index][1]} bytes")
         self._left -= nbytes
@@ -138,7 +137,7 @@ class StreamingSafetensorsWriter:
                 if self._error is None:
                     if ready is not None:
                         ready.synchronize()
-                    view = memoryview(data.numpy()) if owner is not None else data
+                    view = data
                     while view.nbytes:  # a raw file may write less than asked
                         view = view[self._fh.write(view):]
             except BaseException as exc:  # reported to the caller at its next call

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import UsageError
 from ..formats.atomic import atomic_dir, atomic_file, refuse_overlap
@@ -28,10 +27,15 @@ from . import merge_shard
 from .merge_plan import DTYPE_CODES, MergePlan, plan_merge  # noqa: F401  (plan_merge: public here too)
 from .shard_workers import available_cpus, run_jobs
 
+if TYPE_CHECKING:
+    import torch
+
 # ---- execution ------------------------------------------------------------------------------
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto") -> "torch.device":
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -46,6 +50,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     elif dev.type != "cpu":
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     return dev
+
+
+def resolve_device_name(device: str = "auto") -> str:
+    """resolve_device as a string, without importing torch (~1.5 s) when the answer is the CPU:
+    "auto" on a Linux machine with no GPU driver at all is the CPU."""
+    if device == "cpu" or (device == "auto" and sys.platform.startswith("linux") and not _gpu_driver()):
+        return "cpu"
+    return str(resolve_device(device))
+
+
+def _gpu_driver() -> bool:
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd"))
 
 
 @dataclass
@@ -78,7 +94,7 @@ def merge_checkpoint(
     """Execute a plan: write OUT (a directory mirroring BASE, or a single file) atomically.
     workers: shards merged at once on CPU, each in its own process (default: one per core)."""
     started = time.perf_counter()
-    dev = resolve_device(device)
+    dev = resolve_device_name(device)
     workers = _worker_count(workers, dev, len(plan.base.shards))
     base = plan.base
     out = Path(out)
@@ -116,7 +132,7 @@ def merge_checkpoint(
         base=str(base.path),
         adapter=str(plan.adapter.source),
         out=str(out),
-        device=str(dev),
+        device=dev,
         shards=len(base.shards),
         workers=workers,
         tensors=len(base.weight_map),
@@ -128,26 +144,32 @@ def merge_checkpoint(
     )
 
 
-def _worker_count(workers: int | None, dev: torch.device, shards: int) -> int:
+def _worker_count(workers: int | None, dev: str, shards: int) -> int:
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise UsageError(f"--workers must be a positive integer, got {workers!r}")
-    if dev.type != "cpu":
+    if dev != "cpu":
         # CUDA cannot be used in a forked process, and one device gains nothing from several feeders.
         if workers not in (None, 1):
-            raise UsageError(f"--workers {workers}: a {dev.type} merge runs in one process (its pipeline keeps the device busy); use --device cpu for workers")
+            raise UsageError(f"--workers {workers}: a {dev} merge runs in one process (its pipeline keeps the device busy); use --device cpu for workers")
         return 1
     return min(workers or available_cpus(), shards)
 
 
-def _write_shards(plan: MergePlan, jobs: list[tuple[Path, str, Path]], dev: torch.device, workers: int, progress) -> int:
+def _write_shards(plan: MergePlan, jobs: list[tuple[Path, str, Path]], dev: str, workers: int, progress) -> int:
     """Every shard written; on CPU in worker processes (forked: they inherit the plan), on a
     device in this process, one shard after the other."""
-    if dev.type != "cpu":
+    if dev != "cpu":
         return sum(merge_shard.write_shard(plan, src, shard, dst, dev, progress) for src, shard, dst in jobs)
-    threads = max(1, available_cpus() // workers)
+    if merge_shard.needs_torch(plan, dev):
+        import torch  # once, here: forked workers inherit it instead of each importing it
+
+        threads = max(1, available_cpus() // workers)
+    else:
+        torch = None
 
     def work(job, report) -> int:
-        torch.set_num_threads(threads)  # the cores are shared between the workers
+        if torch is not None:
+            torch.set_num_threads(threads)  # the cores are shared between the workers
         return merge_shard.write_shard(plan, *job, dev, report)
 
     return sum(run_jobs(jobs, work, workers, describe=lambda job: f"base shard {job[1]}", progress=progress))

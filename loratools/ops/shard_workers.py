@@ -21,6 +21,7 @@ from typing import Callable, Sequence, TypeVar
 from ..errors import FormatError, LoraToolsError
 
 Job = TypeVar("Job")
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
 
 
 def available_cpus() -> int:
@@ -57,9 +58,14 @@ def run_jobs(
                 i, job = waiting.pop(0)
                 receiver, sender = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_worker, args=(work, job, sender), daemon=True)
-                proc.start()
+                # A signal between the fork and the bookkeeping would leave a worker nobody kills.
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+                try:
+                    proc.start()
+                    running[receiver] = (i, proc)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 sender.close()  # the worker's end: EOF here once it exits
-                running[receiver] = (i, proc)
             for conn in multiprocessing.connection.wait(list(running)):
                 i, proc = running[conn]
                 try:
@@ -91,9 +97,9 @@ def run_jobs(
 
 def _worker(work, job, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent around the fork
     try:
         result = work(job, lambda n: conn.send(("progress", n)))
         conn.send(("done", result))

@@ -1,0 +1,115 @@
+"""The common merge without torch: W + Σ s·L@R for a bf16, float16 or float32 weight on CPU.
+
+Importing torch costs ~1.5 s, as long as merging a 1B model takes; plain LoRA on Linear,
+Conv1D and Embedding weights (nearly every adapter) needs only a matrix product, which numpy
+does with the same float32 arithmetic. Everything else (DoRA, KaSA, replaced rows, lora_bias,
+other dtypes, a GPU) goes through merge_math.py with torch.
+
+Row blocks of ~1 MB: widen into a float32 block, add the products, round once
+into a writer buffer (bfloat16: round to nearest even on the bits, as torch does), check, queue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..arch import Layout
+from ..errors import LoraToolsError
+from .merge_plan import MergePlan, TensorOps
+
+ROW_BLOCK_BYTES = 1 << 20  # float32 rows processed per step: small enough to stay in cache
+
+DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # as stored (bf16 as its bits)
+# Magnitude bits (sign cleared) of a float32 at or above which bfloat16 rounding gives Inf or NaN.
+BF16_OVERFLOW = 0x7F7F8000
+
+
+def handles(ops: TensorOps, in_dtype: str, out_dtype: str, shape: tuple[int, ...]) -> bool:
+    """Whether this tensor's merge is one numpy does: additive low-rank updates only."""
+    return (
+        in_dtype in DTYPES and out_dtype in DTYPES and len(shape) == 2
+        and bool(ops.modules) and ops.replace_key is None and not ops.rows and not ops.lora_biases
+        and all(m.diag_key is None and m.magnitude_key is None for m in ops.modules)
+    )
+
+
+class Workspace:
+    """Float32 and uint32 blocks reused for every tensor of a shard (fresh ones would be
+    page-faulted in again for every block)."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, slot: str, dtype, shape: tuple[int, int]) -> np.ndarray:
+        n = shape[0] * shape[1] * np.dtype(dtype).itemsize
+        buf = self.arrays.get(slot)
+        if buf is None or buf.size < n:
+            buf = self.arrays[slot] = np.empty(n, dtype=np.uint8)
+        return buf[:n].view(dtype).reshape(shape)
+
+
+def merge_tensor(plan: MergePlan, ops: TensorOps, base: np.ndarray, in_dtype: str, out_dtype: str,
+                 writer, name: str, work: Workspace) -> None:
+    """Queue the merged tensor on `writer` (its `begin` already called). base: the stored
+    values (bf16 as uint16 bits), shape (rows, cols), read-only."""
+    products = []  # (s·L, R): ΔW = s·L@R in the base tensor's own orientation
+    for module in ops.modules:
+        a, b = (x.astype(np.float32, copy=False) for x in plan.adapter.factor_arrays(module.path))
+        s = np.float32(module.scaling * plan.scale)
+        # Conv1D (in, out) and Embedding (num, dim) hold ΔW transposed: (B@A).T = A.T @ B.T
+        left, right = (b, a) if module.layout is Layout.LINEAR else (a.T, b.T)
+        products.append((np.ascontiguousarray(left * s), np.ascontiguousarray(right)))
+    with np.errstate(all="ignore"):  # overflow is found and refused explicitly (_round_into), not warned about
+        _merge_blocks(products, base, in_dtype, out_dtype, writer, name, work)
+
+
+def _merge_blocks(products, base: np.ndarray, in_dtype: str, out_dtype: str, writer, name: str, work: Workspace) -> None:
+    rows, cols = base.shape
+    step = max(1, ROW_BLOCK_BYTES // (4 * max(1, cols)))
+    out_type = DTYPES[out_dtype]
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        shape = (stop - start, cols)
+        block = work.get("block", np.float32, shape)
+        if in_dtype == "BF16":  # the top half of a float32: widen exactly by a shift
+            np.left_shift(base[start:stop], 16, out=block.view(np.uint32), dtype=np.uint32)
+        else:
+            np.copyto(block, base[start:stop])
+        product = work.get("product", np.float32, shape)
+        for left, right in products:
+            np.matmul(left[start:stop], right, out=product)
+            block += product
+        target = writer.buffer(shape[0] * cols * np.dtype(out_type).itemsize).view(out_type).reshape(shape)
+        _round_into(block, target, out_dtype, work.get("bits", np.uint32, shape), name)
+        writer.write(target, slot=True)
+
+
+def _round_into(block: np.ndarray, target: np.ndarray, out_dtype: str, scratch: np.ndarray, name: str) -> None:
+    """Round the float32 block once into the output dtype, refusing NaN/Inf (including values
+    that overflow the output type)."""
+    bits = block.view(np.uint32)
+    np.bitwise_and(bits, 0x7FFFFFFF, out=scratch)  # magnitudes: the max shows NaN, Inf and overflow
+    largest = int(scratch.max()) if scratch.size else 0
+    if out_dtype == "BF16":
+        if largest >= BF16_OVERFLOW:
+            _not_finite(name, "bfloat16")
+        # round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, keep the top half
+        np.right_shift(bits, 16, out=scratch)
+        np.bitwise_and(scratch, 1, out=scratch)
+        np.add(scratch, 0x7FFF, out=scratch)
+        np.add(scratch, bits, out=scratch)
+        np.right_shift(scratch, 16, out=target, casting="unsafe")
+    elif out_dtype == "F16":
+        if largest >= 0x7F800000:
+            _not_finite(name, "float32")
+        np.copyto(target, block, casting="same_kind")
+        if target.size and int((target.view(np.uint16) & 0x7C00).max()) == 0x7C00:
+            _not_finite(name, "float16")
+    else:
+        if largest >= 0x7F800000:
+            _not_finite(name, "float32")
+        np.copyto(target, block)
+
+
+def _not_finite(name: str, dtype: str) -> None:
+    raise LoraToolsError(f"merged {name} is not finite (overflows {dtype}?); nothing was written", code="non-finite")
