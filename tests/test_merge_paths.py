@@ -178,3 +178,19 @@ def test_padded_header_and_trailing_metadata_preserved(tmp_path):
         with safe_open(str(BASES / "llama-sharded" / shard.name), "pt") as original:
             assert n % 8 == 0 and header["__metadata__"] == original.metadata()
         assert max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__") == len(raw) - 8 - n
+
+
+def test_a_disk_without_room_fails_before_any_work(tmp_path, monkeypatch):
+    """The output's size is reserved first (fallocate): ENOSPC there is one clear error."""
+    import errno
+
+    from loratools.formats import atomic
+    from loratools.errors import LoraToolsError
+
+    monkeypatch.setattr(atomic, "_fallocate", lambda fd, size: errno.ENOSPC)
+    with pytest.raises(LoraToolsError, match="not enough disk space") as caught:
+        loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-basic", tmp_path / "out")
+    assert caught.value.code == "no-space" and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(atomic, "_fallocate", lambda fd, size: errno.EOPNOTSUPP)  # no fallocate: written anyway
+    loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-basic", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import OutputExistsError, UsageError
+from ..errors import LoraToolsError, OutputExistsError, UsageError
 
 
 def check_output(out: str | os.PathLike, force: bool) -> Path:
@@ -116,6 +116,31 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
+
+
+# ---- space for an output ------------------------------------------------------------------------
+
+
+def preallocate(fd: int, size: int, name: str) -> None:
+    """Reserve a file's final size before writing it (Linux fallocate; elsewhere nothing).
+
+    Appending to a file makes ext4 allocate blocks as it goes, which on our machines slowed
+    writes 3-7x once a gigabyte was dirty; reserved up front, every write costs the same. And a
+    disk without room for the output fails here, before any work, with a clear message."""
+    err = _fallocate(fd, size) if size > 0 else 0
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        raise LoraToolsError(f"{name}: not enough disk space for the output ({size:,} bytes); nothing was written", code="no-space")
+    # other errors (EOPNOTSUPP...): a filesystem without fallocate is written the ordinary way
+
+
+def _fallocate(fd: int, size: int) -> int:
+    """fallocate(fd, 0, 0, size): 0 or the errno (ENOSYS where the C library has no fallocate)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return errno.ENOSYS
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return 0 if fn(fd, 0, 0, size) == 0 else ctypes.get_errno()
 
 
 # ---- the final move ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ copied in user space on its way to the file.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import struct
 import threading
@@ -19,6 +20,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from ..errors import LoraToolsError
+from .atomic import preallocate
 from .safetensors_header import DTYPES
 
 
@@ -52,6 +54,8 @@ class StreamingSafetensorsWriter:
         """allocate(nbytes): a uint8 array for a buffer slot (e.g. pinned memory for a GPU);
         plain numpy memory by default."""
         blob, sizes = encode_header(entries, metadata)
+        if hasattr(fh, "fileno"):
+            preallocate(fh.fileno(), len(blob) + sum(sizes), getattr(fh, "name", "output"))
         self._expected = [(name, size) for (name, _, _), size in zip(entries, sizes)]
         self._index, self._left = -1, 0
         self._fh = fh
@@ -99,6 +103,14 @@ class StreamingSafetensorsWriter:
         self._left -= nbytes
         self._put(data, owner, ready)
 
+    def copy(self, src_fd: int, offset: int, nbytes: int) -> None:
+        """Queue the next chunk as `nbytes` of the file `src_fd` from `offset`, copied in the
+        kernel (copy_file_range) where it can be: they never enter this process."""
+        if nbytes > self._left:
+            raise LoraToolsError(f"internal: {self._expected[self._index][0]} got more than its {self._expected[self._index][1]} bytes")
+        self._left -= nbytes
+        self._put(_FileRange(src_fd, offset, nbytes), None, None)
+
     def close(self) -> None:
         self._check_done()
         if self._index + 1 != len(self._expected):
@@ -137,6 +149,9 @@ class StreamingSafetensorsWriter:
                 if self._error is None:
                     if ready is not None:
                         ready.synchronize()
+                    if isinstance(data, _FileRange):
+                        data.copy_to(self._fh)
+                        continue
                     view = data
                     while view.nbytes:  # a raw file may write less than asked
                         view = view[self._fh.write(view):]
@@ -145,3 +160,28 @@ class StreamingSafetensorsWriter:
             finally:
                 if owner is not None:
                     self._free.put(owner)
+
+
+class _FileRange:
+    def __init__(self, fd: int, offset: int, nbytes: int):
+        self.fd, self.offset, self.nbytes = fd, offset, nbytes
+
+    def copy_to(self, out) -> None:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < self.nbytes:
+                    n = os.copy_file_range(self.fd, out.fileno(), self.nbytes - done, self.offset + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError:  # not across these filesystems: read and write instead
+                pass
+        while done < self.nbytes:
+            block = os.pread(self.fd, min(16 << 20, self.nbytes - done), self.offset + done)
+            if not block:
+                raise LoraToolsError("input ended early while copying (truncated meanwhile?)", code="input-changed")
+            view = memoryview(block)
+            while view.nbytes:
+                view = view[out.write(view):]
+            done += len(block)

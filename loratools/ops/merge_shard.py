@@ -1,8 +1,8 @@
 """Merge one shard: stream a base safetensors file into its merged copy.
 
 The base is read through a memory map, so its bytes go from the page cache straight into the
-arithmetic (no read into a buffer first). Tensors the adapter does not touch are written from
-the map itself; touched ones are computed block by block into small reusable buffers that a
+arithmetic (no read into a buffer first). Tensors the adapter does not touch are copied in
+the kernel (copy_file_range); touched ones are computed block by block into small reusable buffers that a
 background thread writes while the next block is computed (see StreamingSafetensorsWriter).
 Plain LoRA on CPU is merged with numpy (merge_numpy.py); torch is imported only for what needs
 it (merge_torch.py: DoRA, KaSA, replaced rows, lora_bias, other dtypes, a GPU).
@@ -69,8 +69,8 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
                     source.prefetch(header.tensors[entries[i + 1][0]])
                 writer.begin(name)
                 ops = plan.ops.get(name)
-                if ops is None and dtype == info.dtype:
-                    writer.write(source.bytes(info))  # straight from the page cache
+                if ops is None and dtype == info.dtype:  # copied in the kernel, page cache to page cache
+                    writer.copy(fin.fileno(), header.data_start + info.start, info.end - info.start)
                 else:
                     _merge_tensor(plan, ops, source.bytes(info), info.dtype, dtype, shape, writer, name, work, torch_state)
                 source.release(info)
