@@ -194,3 +194,27 @@ def test_a_disk_without_room_fails_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "_fallocate", lambda fd, size: errno.EOPNOTSUPP)  # no fallocate: written anyway
     loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-basic", tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
+def test_device_staging_ring_on_cpu(tmp_path, monkeypatch):
+    """The GPU pipeline's host side (two staging buffers reused in turn) run on CPU: same bytes
+    as the direct path. (The device side is tested where CUDA exists: test_cuda_merge_equals_cpu_merge.)"""
+    from loratools.ops import merge_torch
+
+    _without_numpy_kernel(monkeypatch)
+    loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-dora", tmp_path / "direct", workers=1)
+    real_init = merge_torch.DeviceState.__init__
+
+    def with_stager(self, dev):
+        real_init(self, dev)
+        self.stager = merge_torch.DeviceStager(dev)
+
+    monkeypatch.setattr(merge_torch.DeviceState, "__init__", with_stager)
+    loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-dora", tmp_path / "staged", workers=1)
+    assert _digest(tmp_path / "staged") == _digest(tmp_path / "direct")
+    # the ring itself: buffers alternate, and each is reused two tensors later
+    stager = merge_torch.DeviceStager(torch.device("cpu"))
+    first, second = torch.arange(6.0).view(2, 3), torch.ones(4)
+    a, b = stager.to_device(first), stager.to_device(second)
+    assert torch.equal(a, first) and torch.equal(b, second) and a.data_ptr() != b.data_ptr()
+    assert stager.to_device(first * 2).data_ptr() == a.data_ptr()  # the first buffer, reused in turn
