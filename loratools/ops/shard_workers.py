@@ -42,8 +42,8 @@ def run_jobs(
     describe: Callable[[Job], str],
     progress: Callable[[int], None] | None = None,
 ) -> list[int]:
-    """work(job, progress) for every job, at most `workers` at once in forked processes (in this
-    process when workers is 1 and fork is unavailable). Returns each job's result, in job order.
+    """work(job, progress) for every job, at most `workers` at once in forked processes (one
+    after the other in this process where fork is unavailable). Returns each job's result, in job order.
     The first failure kills the other workers and is raised here."""
     report = progress or (lambda n: None)
     if not can_fork():
