@@ -16,7 +16,9 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-from typing import Callable, Sequence, TypeVar
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from ..errors import FormatError, LoraToolsError
 
@@ -58,13 +60,9 @@ def run_jobs(
                 i, job = waiting.pop(0)
                 receiver, sender = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_worker, args=(work, job, sender), daemon=True)
-                # A signal between the fork and the bookkeeping would leave a worker nobody kills.
-                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-                try:
+                with _signals_deferred():  # a stop between fork and bookkeeping would orphan a worker
                     proc.start()
                     running[receiver] = (i, proc)
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 sender.close()  # the worker's end: EOF here once it exits
             for conn in multiprocessing.connection.wait(list(running)):
                 i, proc = running[conn]
@@ -95,11 +93,29 @@ def run_jobs(
     return [results[i] for i in range(len(jobs))]
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP until the block ends, then act on the first one as usual.
+    (Masking the signal in this thread is not enough: another thread, such as a BLAS worker,
+    can receive it and Python then runs the handler here all the same.)"""
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: not set from Python
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def _worker(work, job, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent around the fork
     try:
         result = work(job, lambda n: conn.send(("progress", n)))
         conn.send(("done", result))
