@@ -19,7 +19,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
-from ..errors import LoraToolsError
+from ..errors import FormatError, LoraToolsError
 from .atomic import preallocate
 from .safetensors_header import DTYPES
 
@@ -180,7 +180,7 @@ class _FileRange:
         while done < self.nbytes:
             block = os.pread(self.fd, min(16 << 20, self.nbytes - done), self.offset + done)
             if not block:
-                raise LoraToolsError("input ended early while copying (truncated meanwhile?)", code="input-changed")
+                raise FormatError("a base shard ended early while being copied (truncated meanwhile?); nothing was written", code="input-changed")
             view = memoryview(block)
             while view.nbytes:
                 view = view[out.write(view):]
