@@ -24,6 +24,14 @@ from .atomic import preallocate
 from .safetensors_header import DTYPES
 
 
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of this dtype code and shape."""
+    size = DTYPES[dtype][0]
+    for d in shape:
+        size *= d
+    return size
+
+
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
     """The header of a file holding `entries` (name, dtype code, shape) in that order, and each
     entry's size in bytes."""
@@ -32,9 +40,7 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
         header["__metadata__"] = dict(metadata)
     offset, sizes = 0, []
     for name, dtype, shape in entries:
-        size = DTYPES[dtype][0]
-        for d in shape:
-            size *= d
+        size = tensor_nbytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         sizes.append(size)
         offset += size
@@ -97,18 +103,13 @@ class StreamingSafetensorsWriter:
         array last returned by `buffer()`. `ready`: an event (e.g. a CUDA event) to wait for
         before the bytes are read."""
         data = memoryview(data).cast("B")
-        nbytes, owner = data.nbytes, (self._slot if slot else None)
-        if nbytes > self._left:
-            raise LoraToolsError(f"internal: {self._expected[self._index][0]} got more than its {self._expected[self._index][1]} bytes")
-        self._left -= nbytes
-        self._put(data, owner, ready)
+        self._take(data.nbytes)
+        self._put(data, self._slot if slot else None, ready)
 
     def copy(self, src_fd: int, offset: int, nbytes: int) -> None:
         """Queue the next chunk as `nbytes` of the file `src_fd` from `offset`, copied in the
         kernel (copy_file_range) where it can be: they never enter this process."""
-        if nbytes > self._left:
-            raise LoraToolsError(f"internal: {self._expected[self._index][0]} got more than its {self._expected[self._index][1]} bytes")
-        self._left -= nbytes
+        self._take(nbytes)
         self._put(_FileRange(src_fd, offset, nbytes), None, None)
 
     def close(self) -> None:
@@ -125,6 +126,12 @@ class StreamingSafetensorsWriter:
         self._error = self._error or LoraToolsError("aborted")
         self._queue.put(None)
         self._thread.join()
+
+    def _take(self, nbytes: int) -> None:
+        """Count `nbytes` more of the current tensor."""
+        if nbytes > self._left:
+            raise LoraToolsError(f"internal: {self._expected[self._index][0]} got more than its {self._expected[self._index][1]} bytes")
+        self._left -= nbytes
 
     def _check_done(self) -> None:
         if self._index >= 0 and self._left:
@@ -152,9 +159,7 @@ class StreamingSafetensorsWriter:
                     if isinstance(data, _FileRange):
                         data.copy_to(self._fh)
                         continue
-                    view = data
-                    while view.nbytes:  # a raw file may write less than asked
-                        view = view[self._fh.write(view):]
+                    _write_all(self._fh, data)
             except BaseException as exc:  # reported to the caller at its next call
                 self._error = exc
             finally:
@@ -181,7 +186,10 @@ class _FileRange:
             block = os.pread(self.fd, min(16 << 20, self.nbytes - done), self.offset + done)
             if not block:
                 raise FormatError("a base shard ended early while being copied (truncated meanwhile?); nothing was written", code="input-changed")
-            view = memoryview(block)
-            while view.nbytes:
-                view = view[out.write(view):]
+            _write_all(out, memoryview(block))
             done += len(block)
+
+
+def _write_all(fh, view: memoryview) -> None:
+    while view.nbytes:  # a raw file may write less than asked
+        view = view[fh.write(view):]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 from ..errors import UsageError
 from ..formats.atomic import atomic_dir, atomic_file, refuse_overlap
 from ..formats.checkpoint import INDEX_NAME
-from ..formats.safetensors_header import DTYPES
+from ..formats.safetensors_writer import tensor_nbytes
 from . import merge_shard
 from .merge_plan import DTYPE_CODES, MergePlan, plan_merge  # noqa: F401  (plan_merge: public here too)
 from .shard_workers import available_cpus, run_jobs
@@ -206,11 +206,7 @@ def _index_json(plan: MergePlan) -> str:
     index = json.loads(json.dumps(plan.base.index))  # a deep copy; weight_map is unchanged
     total = 0
     for shard in plan.base.shards:
-        for _, dtype, shape in merge_shard.out_entries(plan, shard):
-            n = DTYPES[dtype][0]
-            for d in shape:
-                n *= d
-            total += n
+        total += sum(tensor_nbytes(dtype, shape) for _, dtype, shape in merge_shard.out_entries(plan, shard))
     index.setdefault("metadata", {})["total_size"] = total
     return json.dumps(index, indent=2, sort_keys=True) + "\n"
 

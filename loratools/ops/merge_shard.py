@@ -89,15 +89,14 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
 def _merge_tensor(plan: MergePlan, ops: TensorOps | None, raw: memoryview, in_dtype: str, out_dtype: str,
                   shape: tuple[int, ...], writer: StreamingSafetensorsWriter, name: str, work, torch_state) -> None:
     if torch_state.device == "cpu" and ops is not None and merge_numpy.handles(ops, in_dtype, out_dtype, shape):
-        base = np.frombuffer(raw, dtype=merge_numpy.DTYPES[in_dtype]).reshape(shape) if _aligned(raw, in_dtype) else \
-            np.frombuffer(bytes(raw), dtype=merge_numpy.DTYPES[in_dtype]).reshape(shape)
+        stored = np.dtype(merge_numpy.DTYPES[in_dtype])
+        flat = np.frombuffer(raw, dtype=np.uint8)
+        if flat.ctypes.data % stored.itemsize:  # other writers need not align tensors: copy this one
+            flat = flat.copy()
+        base = flat.view(stored).reshape(shape)
         merge_numpy.merge_tensor(plan, ops, base, in_dtype, out_dtype, writer, name, work)
     else:
         torch_state.merge(plan, ops, np.frombuffer(raw, dtype=np.uint8), in_dtype, out_dtype, shape, writer, name)
-
-
-def _aligned(raw: memoryview, dtype: str) -> bool:
-    return np.frombuffer(raw, dtype=np.uint8).ctypes.data % np.dtype(merge_numpy.DTYPES[dtype]).itemsize == 0
 
 
 class _TorchState:
