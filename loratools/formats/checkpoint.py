@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, FormatError, InputNotFoundError
 from .json_text import parse_json
+from .quantized import QuantizedWeight, companions, find_quantized
 from .safetensors_header import Header, TensorInfo, read_header
 
 SINGLE_NAME = "model.safetensors"
@@ -30,9 +31,25 @@ class Checkpoint:
     config: dict | None = None  # config.json, when present
     other_files: list[str] = field(default_factory=list)  # relative paths copied as they are
     skipped_files: list[str] = field(default_factory=list)  # other-format weights, not copied
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # weight name -> how it is stored
+    quant_parts: set[str] = field(default_factory=set)  # the tensors that belong to quantized weights
 
     def info(self, name: str) -> TensorInfo:
-        return self.shards[self.weight_map[name]].tensors[name]
+        """A tensor as the model sees it: a quantized weight has its dequantized shape and dtype
+        (its offsets stay those of the stored, packed tensor)."""
+        stored = self.shards[self.weight_map[name]].tensors[name]
+        weight = self.quantized.get(name)
+        if weight is None:
+            return stored
+        return TensorInfo(weight.dtype, weight.shape, stored.start, stored.end)
+
+    def file(self, shard: str) -> Path:
+        return self.path if self.is_file else self.path / shard
+
+    def describe_quantization(self) -> str | None:
+        """E.g. "nf4, double quant, blocksize 64" (several kinds joined by "; "), or None."""
+        kinds = dict.fromkeys(w.describe() for w in self.quantized.values())
+        return "; ".join(kinds) or None
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -44,7 +61,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if path.suffix != ".safetensors":
             raise FormatError(f"{path}: expected a .safetensors file or a model directory")
         header = read_header(path)
-        return Checkpoint(path, True, {path.name: header}, {name: path.name for name in header.tensors})
+        return _with_quantization(Checkpoint(path, True, {path.name: header}, {name: path.name for name in header.tensors}))
     if not path.is_dir():
         raise InputNotFoundError(f"{path}: no such file or directory")
     config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
@@ -83,6 +100,12 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             checkpoint.skipped_files.append(rel)
         else:
             checkpoint.other_files.append(rel)
+    return _with_quantization(checkpoint)
+
+
+def _with_quantization(checkpoint: Checkpoint) -> Checkpoint:
+    checkpoint.quantized = find_quantized(checkpoint.shards, checkpoint.weight_map, checkpoint.config, checkpoint.file)
+    checkpoint.quant_parts = companions(checkpoint.quantized)
     return checkpoint
 
 
