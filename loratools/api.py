@@ -46,6 +46,7 @@ def merge(
     force: bool = False,
     progress=None,
     workers: int | None = None,
+    keep_quantized: bool = False,
 ):
     """Merge `adapter` into the checkpoint `base` and write `out`, as PEFT's merge_and_unload would.
 
@@ -54,7 +55,9 @@ def merge(
     "cpu", "cuda", "cuda:N". scale multiplies every ΔW (-1 undoes a merge). dtype: "float32",
     "float16", "bfloat16" or None to keep each tensor's. progress(done_bytes, total_bytes) is called
     after each tensor. workers: shards merged at once on CPU, each in a forked process (default: one
-    per core, at most one per shard).
+    per core, at most one per shard). A quantized base (bitsandbytes nf4/fp4, block-scaled FP8) is
+    dequantized and written in `dtype` (default bfloat16) without its quantization_config;
+    keep_quantized=True (FP8 only) writes changed weights quantized again instead.
     Returns a MergeReport. Everything is checked before the first byte is written; `out` appears
     only when complete.
     """
@@ -65,7 +68,7 @@ def merge(
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter)
     checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
-    plan = plan_merge(checkpoint, adapter, scale=scale, dtype=dtype)
+    plan = plan_merge(checkpoint, adapter, scale=scale, dtype=dtype, keep_quantized=keep_quantized)
     return merge_checkpoint(plan, out, device=device, force=force, progress=progress, workers=workers)
 
 

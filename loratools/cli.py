@@ -94,23 +94,27 @@ def info(adapter: str, as_json: bool) -> None:
 @click.argument("out", type=click.Path())
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply every ΔW (-1 undoes an earlier merge).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype of float tensors [default: keep each].")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Output dtype of float tensors [default: keep each; bfloat16 for a quantized base].")
+@click.option("--keep-quantized", is_flag=True, help="FP8 base: write changed weights re-quantized (new block scales), not dequantized.")
 @click.option("--workers", type=int, help="Shards merged at once on CPU, one process each [default: one per core].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (schema in the README).")
-def merge(base, adapter, out, device, scale, dtype, workers, force, quiet, as_json) -> None:
+def merge(base, adapter, out, device, scale, dtype, keep_quantized, workers, force, quiet, as_json) -> None:
     """Merge ADAPTER into the BASE checkpoint and write OUT, like PEFT's merge_and_unload.
 
     BASE is a model directory (model.safetensors, or shards with model.safetensors.index.json),
     a single .safetensors file or a Hub repo id; OUT mirrors it (same shards, index, config and
     tokenizer files). Streams tensor by tensor; nothing appears at OUT unless the merge completes.
+    A quantized BASE (bitsandbytes nf4/fp4, block-scaled FP8) is dequantized: OUT is a bfloat16
+    model (see --dtype) without quantization_config.
     """
     from .api import merge as run_merge
 
     with _progress_bar(enabled=not quiet and not as_json, label="merging") as progress:
         report = run_merge(base, adapter, out, device=device, scale=scale, dtype=dtype, force=force, progress=progress,
-                           workers=workers)
+                           workers=workers, keep_quantized=keep_quantized)
     if as_json:
         _print_json(report.to_dict())
     elif not quiet:
@@ -118,6 +122,9 @@ def merge(base, adapter, out, device, scale, dtype, workers, force, quiet, as_js
             f"merged into {report.out}: {report.tensors_changed} tensors changed, {report.tensors_replaced} replaced, "
             f"{report.tensors} in {report.shards} shard(s); {report.bytes_written:,} bytes in {report.seconds:.2f} s on {report.device}"
         )
+        if report.base_quantization:
+            how = "changed weights re-quantized" if report.keep_quantized else "dequantized"
+            click.echo(f"quantized base ({report.base_quantization}): {how}")
         if report.skipped_files:
             click.echo(f"not copied (weights in other formats): {', '.join(report.skipped_files)}", err=True)
 

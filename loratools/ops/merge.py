@@ -75,6 +75,8 @@ class MergeReport:
     tensors: int
     tensors_changed: int  # by a LoRA ΔW, DoRA or lora_bias
     tensors_replaced: int  # by modules_to_save, trained biases, saved embeddings
+    base_quantization: str | None  # e.g. "nf4, double quant, blocksize 64": dequantized (or kept: keep_quantized)
+    keep_quantized: bool
     bytes_written: int
     seconds: float
     skipped_files: list[str]
@@ -123,8 +125,8 @@ def merge_checkpoint(
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(base.path / rel, tmp / rel)  # follows Hub cache symlinks
                 os.chmod(tmp / rel, _mode(base.path / rel))
-            if plan.out_dtype and (tmp / "config.json").is_file():
-                _record_dtype(tmp / "config.json", plan.out_dtype)
+            if (plan.out_dtype or plan.keep_quantized) and (tmp / "config.json").is_file():
+                _record_config(tmp / "config.json", plan)
             _require_unchanged(plan)
     changed = sum(1 for o in plan.ops.values() if o.modules or o.lora_biases)
     replaced = sum(1 for o in plan.ops.values() if o.replace_key and not (o.modules or o.lora_biases))
@@ -138,6 +140,8 @@ def merge_checkpoint(
         tensors=len(base.weight_map),
         tensors_changed=changed,
         tensors_replaced=replaced,
+        base_quantization=base.describe_quantization(),
+        keep_quantized=plan.keep_quantized,
         bytes_written=written,
         seconds=round(time.perf_counter() - started, 3),
         skipped_files=list(base.skipped_files),
@@ -203,7 +207,9 @@ class _ProgressAdapter:
 
 
 def _index_json(plan: MergePlan) -> str:
-    index = json.loads(json.dumps(plan.base.index))  # a deep copy; weight_map is unchanged
+    index = json.loads(json.dumps(plan.base.index))  # a deep copy
+    if not plan.keep_quantized:  # a dequantized base loses its scales and code maps
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in plan.base.quant_parts}
     total = 0
     for shard in plan.base.shards:
         total += sum(tensor_nbytes(dtype, shape) for _, dtype, shape in merge_shard.out_entries(plan, shard))
@@ -211,10 +217,14 @@ def _index_json(plan: MergePlan) -> str:
     return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
-def _record_dtype(config_path: Path, dtype_code: str) -> None:
-    name = {v: k for k, v in DTYPE_CODES.items()}[dtype_code]
+def _record_config(config_path: Path, plan: MergePlan) -> None:
+    """config.json of OUT: the dtype it now has; a dequantized base loses its quantization_config
+    (transformers would otherwise expect packed weights)."""
     config = json.loads(config_path.read_text())
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = name
+    if plan.out_dtype:
+        name = {v: k for k, v in DTYPE_CODES.items()}[plan.out_dtype]
+        keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
+        config.update({key: name for key in keys})
+    if plan.base.quantized and not plan.keep_quantized:
+        config.pop("quantization_config", None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -34,13 +34,20 @@ class MergePlan:
     ops: dict[str, TensorOps]  # base tensor name -> ops
     scale: float
     out_dtype: str | None  # dtype code for every float tensor, or None to keep each one's
+    keep_quantized: bool = False  # write changed quantized weights quantized again (FP8), not dequantized
 
 
-def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: str | None = None) -> MergePlan:
+def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: str | None = None,
+               keep_quantized: bool = False) -> MergePlan:
     """Map the adapter onto the base and check everything that can be checked from headers
-    (and the adapter's own values, which are small): every refusal happens here."""
+    (and the adapter's own values, which are small): every refusal happens here.
+    A quantized base is dequantized: the output is bfloat16 unless `dtype` says otherwise."""
     if dtype is not None and dtype not in DTYPE_CODES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CODES)}, got {dtype!r}")
+    if keep_quantized:
+        _check_keep_quantized(base)
+    elif base.quantized and dtype is None:
+        dtype = "bfloat16"  # one precision for the whole dequantized model
     if not math.isfinite(scale):
         raise UsageError(f"--scale must be a finite number, got {scale}")
     adapter.require_supported("merge", merging=True)
@@ -100,7 +107,25 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
         if nonadditive and len(op.modules) > 1:
             raise UnsupportedError(f"base {name} is changed by {len(op.modules)} modules, one of them DoRA/KaSA ({nonadditive[0]}), "
                                    "whose merge depends on the order (tied weights?)")
-    return MergePlan(base, adapter, ops, scale, DTYPE_CODES[dtype] if dtype else None)
+    if keep_quantized:
+        for name in ops:
+            weight = base.quantized.get(name)
+            if weight and any(base.weight_map[p] != base.weight_map[name] for p in weight.parts.values()):
+                raise UnsupportedError(f"--keep-quantized: {name} and its scales are in different shards; merge without it",
+                                       code="quantized-base")
+    return MergePlan(base, adapter, ops, scale, DTYPE_CODES[dtype] if dtype else None, keep_quantized)
+
+
+def _check_keep_quantized(base: Checkpoint) -> None:
+    if not base.quantized:
+        raise UsageError("--keep-quantized: the base is not quantized")
+    schemes = {w.scheme for w in base.quantized.values()}
+    if schemes != {"fp8"}:
+        # A LoRA ΔW is usually smaller than a 4-bit code's step: quantizing W+ΔW to 4 bits again
+        # would round most of the adapter away. Block-scaled FP8 keeps it (3 mantissa bits per value).
+        raise UnsupportedError(f"--keep-quantized supports FP8 block-scaled bases; this base is "
+                               f"{base.describe_quantization()}, where re-quantizing would round most of ΔW away "
+                               "(merge without it: a dequantized 16-bit model)", code="quantized-base")
 
 
 def _drop_tied_copy(adapter: Adapter, name: str, op: TensorOps) -> None:

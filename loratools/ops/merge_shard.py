@@ -6,6 +6,10 @@ the kernel (copy_file_range); touched ones are computed block by block into smal
 background thread writes while the next block is computed (see StreamingSafetensorsWriter).
 Plain LoRA on CPU is merged with numpy (merge_numpy.py); torch is imported only for what needs
 it (merge_torch.py: DoRA, KaSA, replaced rows, lora_bias, other dtypes, a GPU).
+
+A quantized weight (formats/quantized.py) is dequantized to float32 (dequant.py) and merged
+from there; its scales and code maps are not written. With `keep_quantized` (FP8), a changed
+weight is quantized again and written with its new scales; unchanged ones are copied as stored.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 
 from ..formats.safetensors_header import FLOAT_DTYPES
 from ..formats.safetensors_writer import StreamingSafetensorsWriter
-from . import merge_numpy
+from . import dequant, merge_numpy
 from .merge_plan import MergePlan, TensorOps
 
 PAGE = mmap.PAGESIZE
@@ -26,14 +30,24 @@ PAGE = mmap.PAGESIZE
 
 def out_entries(plan: MergePlan, shard: str) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, output dtype code, shape) for every tensor of a shard, in file order."""
-    header = plan.base.shards[shard]
+    base = plan.base
+    header = base.shards[shard]
     names = sorted(header.tensors, key=lambda n: header.tensors[n].start)  # sequential reads
     entries = []
     for name in names:
         info = header.tensors[name]
+        if not plan.keep_quantized and name in base.quant_parts:
+            continue  # dequantized: its scales and code maps go with the quantization
+        if not plan.keep_quantized and name in base.quantized:
+            info = base.info(name)
         dtype = plan.out_dtype if plan.out_dtype and info.dtype in FLOAT_DTYPES else info.dtype
         entries.append((name, dtype, info.shape))
     return entries
+
+
+def _dequantizes(plan: MergePlan, name: str) -> bool:
+    """Whether this tensor is read by dequantizing it (else: its stored bytes are the values)."""
+    return name in plan.base.quantized and (not plan.keep_quantized or name in plan.ops)
 
 
 def needs_torch(plan: MergePlan, device: str) -> bool:
@@ -43,8 +57,10 @@ def needs_torch(plan: MergePlan, device: str) -> bool:
         return True
     for shard in plan.base.shards:
         for name, dtype, shape in out_entries(plan, shard):
-            in_dtype = plan.base.shards[shard].tensors[name].dtype
+            in_dtype = "F32" if _dequantizes(plan, name) else plan.base.shards[shard].tensors[name].dtype
             ops = plan.ops.get(name)
+            if plan.keep_quantized and name in plan.base.quantized:
+                dtype = "F32"
             if (ops is None and dtype != in_dtype) or (ops is not None and not merge_numpy.handles(ops, in_dtype, dtype, shape)):
                 return True
     return False
@@ -62,6 +78,8 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
         torch_state = _TorchState(device)
         writer = StreamingSafetensorsWriter(fout, entries, header.metadata or {"format": "pt"}, allocate=torch_state.allocator())
         work = merge_numpy.Workspace()
+        requantized: dict[str, np.ndarray] = {}  # keep_quantized: a changed weight's other part, until written
+        requantized_by = _requantized_by(plan)
         try:
             for i, (name, dtype, shape) in enumerate(entries):
                 info = header.tensors[name]
@@ -69,7 +87,19 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
                     source.prefetch(header.tensors[entries[i + 1][0]])
                 writer.begin(name)
                 ops = plan.ops.get(name)
-                if ops is None and dtype == info.dtype:  # copied in the kernel, page cache to page cache
+                requantize = requantized_by.get(name)
+                if name in requantized:
+                    writer.write(requantized.pop(name))
+                elif requantize is not None:
+                    requantized.update(_requantize(plan, requantize, source, work, torch_state))
+                    writer.write(requantized.pop(name))
+                elif _dequantizes(plan, name):
+                    values = _dequantize(plan, name, source)
+                    if ops is None:
+                        merge_numpy.store(values, dtype, writer, name, work)
+                    else:
+                        _merge_tensor(plan, ops, values.reshape(-1).view(np.uint8), "F32", dtype, shape, writer, name, work, torch_state)
+                elif ops is None and dtype == info.dtype:  # copied in the kernel, page cache to page cache
                     writer.copy(fin.fileno(), header.data_start + info.start, info.end - info.start)
                 else:
                     _merge_tensor(plan, ops, source.bytes(info), info.dtype, dtype, shape, writer, name, work, torch_state)
@@ -84,6 +114,51 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
         finally:
             source.close()
         return fout.tell()
+
+
+def _dequantize(plan: MergePlan, name: str, source: "_SourceMap") -> np.ndarray:
+    weight = plan.base.quantized[name]
+    stored = np.frombuffer(source.bytes(plan.base.shards[plan.base.weight_map[name]].tensors[name]), dtype=np.uint8)
+    return dequant.dequantize(weight, stored, dequant.read_parts(plan.base, weight))
+
+
+def _requantized_by(plan: MergePlan) -> dict[str, str]:
+    """keep_quantized: every stored tensor of a changed quantized weight -> that weight."""
+    if not plan.keep_quantized:
+        return {}
+    out = {}
+    for name in plan.ops:
+        if name in plan.base.quantized:
+            out.update({part: name for part in plan.base.quantized[name].parts.values()}, **{name: name})
+    return out
+
+
+def _requantize(plan: MergePlan, name: str, source: "_SourceMap", work, torch_state) -> dict[str, np.ndarray]:
+    """A changed FP8 weight, merged in float32 and quantized again: {tensor name: bytes} for the
+    weight and its new scales (plan_merge checked both are in this shard)."""
+    weight = plan.base.quantized[name]
+    merged = _ArrayWriter(weight.shape)
+    values = _dequantize(plan, name, source)
+    _merge_tensor(plan, plan.ops[name], values.reshape(-1).view(np.uint8), "F32", "F32", weight.shape, merged, name, work, torch_state)
+    torch_state.verify()
+    codes, scale_inv = dequant.quantize_fp8(merged.array, weight.block)
+    return {name: codes.reshape(-1), weight.parts["scale_inv"]: scale_inv.reshape(-1).view(np.uint8)}
+
+
+class _ArrayWriter:
+    """The writer interface of StreamingSafetensorsWriter, into one float32 array in memory."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.array = np.empty(shape, dtype=np.float32)
+        self.bytes, self.position = self.array.reshape(-1).view(np.uint8), 0
+
+    def buffer(self, nbytes: int) -> np.ndarray:
+        return self.bytes[self.position: self.position + nbytes]
+
+    def write(self, data: np.ndarray, *, slot: bool = False, ready=None) -> None:
+        if ready is not None:
+            ready.synchronize()
+        self.position += data.nbytes
 
 
 def _merge_tensor(plan: MergePlan, ops: TensorOps | None, raw: memoryview, in_dtype: str, out_dtype: str,
