@@ -75,17 +75,36 @@ def main(debug: bool) -> None:
 
 @main.command()
 @click.argument("adapter")
+@click.option("--base", help="Also describe this base checkpoint (quantization, from headers).")
+@click.option("--compare-base", help="With a quantized --base: its 16-bit original; report ‖W16−dq(W)‖/‖ΔW‖ per module.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
-def info(adapter: str, as_json: bool) -> None:
+def info(adapter: str, base: str | None, compare_base: str | None, as_json: bool) -> None:
     """Describe an adapter: architecture, ranks, scaling, targets, parameters, extra tensors.
 
-    Reads only the config and the safetensors header; no tensor is loaded.
+    Reads only the config and the safetensors header; no tensor is loaded (--compare-base
+    reads the base weights the adapter changes, one at a time).
     """
     from .api import load_adapter
     from .ops.info import adapter_info, render_info
 
-    report = adapter_info(load_adapter(adapter))
-    _print_json(report) if as_json else click.echo(render_info(report))
+    if compare_base and not base:
+        raise click.UsageError("--compare-base needs --base (the quantized base it is compared with)")
+    loaded = load_adapter(adapter)
+    report = adapter_info(loaded)
+    text = [render_info(report)]
+    if base:
+        from .formats.checkpoint import open_checkpoint
+        from .hub import BASE_IGNORE_PATTERNS, resolve
+        from .ops.base_report import base_summary, compare_bases, render_base, render_compare
+
+        checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
+        report["base"] = base_summary(checkpoint)
+        text.append(render_base(report["base"]))
+        if compare_base:
+            reference = open_checkpoint(resolve(compare_base, ignore_patterns=BASE_IGNORE_PATTERNS))
+            report["base"]["compare"] = compare_bases(loaded, checkpoint, reference)
+            text.append(render_compare(report["base"]["compare"]))
+    _print_json(report) if as_json else click.echo("\n".join(text))
 
 
 @main.command()
@@ -224,12 +243,13 @@ def validate(adapters, base, as_json, strict) -> None:
     ADAPTERS are adapter directories or files in them (each directory is checked once), so
     pre-commit can pass changed files. Every problem is reported, each with a stable code.
     """
+    from .formats.checkpoint import open_checkpoint
     from .hub import BASE_IGNORE_PATTERNS, resolve
     from .ops.validate import render, report, validate_many
 
-    base_path = resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS) if base else None
-    results = validate_many(adapters, base_path)
-    _print_json(report(results, strict)) if as_json else click.echo(render(results, strict))
+    checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS)) if base else None
+    results = validate_many(adapters, checkpoint)
+    _print_json(report(results, strict, checkpoint)) if as_json else click.echo(render(results, strict, checkpoint))
     sys.exit(0 if all(r.ok(strict) for r in results) else 1)
 
 

@@ -115,6 +115,10 @@ def extract_adapter(
         raise UsageError(f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}, got {embeddings!r}")
     if dtype is not None and dtype not in DTYPE_CODES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CODES)}, got {dtype!r}")
+    for checkpoint in (base, finetuned):
+        if checkpoint.quantized:
+            raise UnsupportedError(f"{checkpoint.path} is a quantized checkpoint ({checkpoint.describe_quantization()}); "
+                                   "extract compares 16-bit weights: give the unquantized models", code="quantized-base")
     wanted = set(modules) if modules is not None else None
     dev = resolve_device(device)
     arch, prefix, head = _architecture(base)

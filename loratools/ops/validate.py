@@ -265,8 +265,8 @@ def adapter_dirs(paths: Iterable[str | os.PathLike]) -> list[str]:
     return list(seen)
 
 
-def validate_many(paths: Iterable[str | os.PathLike], base: str | os.PathLike | None = None) -> list[Result]:
-    checkpoint = open_checkpoint(base) if base is not None else None
+def validate_many(paths: Iterable[str | os.PathLike], base: Checkpoint | str | os.PathLike | None = None) -> list[Result]:
+    checkpoint = open_checkpoint(base) if base is not None and not isinstance(base, Checkpoint) else base
     return [validate_guarded(p, checkpoint) for p in adapter_dirs(paths)]
 
 
@@ -282,9 +282,12 @@ def validate_guarded(path: str | os.PathLike, base: Checkpoint | None = None) ->
         return Result(str(path), [Finding("internal-error", ERROR, None, f"unexpected {type(exc).__name__}: {first}")])
 
 
-def report(results: list[Result], strict: bool = False) -> dict[str, Any]:
+def report(results: list[Result], strict: bool = False, base: Checkpoint | None = None) -> dict[str, Any]:
     """The `validate --json` document (schema in the README)."""
+    from .base_report import base_summary
+
     return {
+        "base": base_summary(base) if base is not None else None,
         "results": [
             {"adapter": r.adapter, "ok": r.ok(strict), "findings": [asdict(f) for f in r.findings]} for r in results
         ],
@@ -299,8 +302,10 @@ def report(results: list[Result], strict: bool = False) -> dict[str, Any]:
     }
 
 
-def render(results: list[Result], strict: bool = False) -> str:
-    lines = []
+def render(results: list[Result], strict: bool = False, base: Checkpoint | None = None) -> str:
+    from .base_report import base_summary, render_base
+
+    lines = [render_base(base_summary(base))] if base is not None else []
     for r in results:
         status = "ok" if r.ok(strict) else "FAIL"
         counts = f"{r.errors} error(s), {r.warnings} warning(s)"
