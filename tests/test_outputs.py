@@ -72,8 +72,11 @@ def test_single_file_output_that_appears_meanwhile_is_left_alone(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]
 
 
+# SIGINT as in a terminal: a test run started in the background by a non-interactive shell
+# inherits SIGINT ignored, and Python then leaves it ignored in every child.
 SLOW_MERGE = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from loratools.ops import merge_shard
     real = merge_shard.write_shard
     def slow(*args, **kwargs):

@@ -377,3 +377,43 @@ def test_compare_base_reports_quantization_error_relative_to_delta(qlora):
     assert rows[name]["quant_error_over_delta"] == pytest.approx(want, rel=1e-4)
     text = run_cli("info", lora, "--base", base4, "--compare-base", base16)
     assert "‖W16−dq(W)‖/‖ΔW‖" in text.stdout and name in text.stdout
+
+
+# ---- any quant state: a clean error or a correct read ---------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True), st.text(max_size=8),
+                         st.lists(st.integers(-2, 300), max_size=3))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(["quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
+                                                "nested_offset", "nested_dtype"]), _JSON_VALUES, max_size=3))
+def test_any_quant_state_is_read_or_refused_cleanly(tmp_path_factory, changes):
+    from loratools.errors import LoraToolsError
+    from loratools.formats.checkpoint import open_checkpoint
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    tensors = {"layer.weight": packed}
+    for key, value in state.as_dict(packed=True).items():
+        tensors[f"layer.weight.{key}"] = value
+    state_key = "layer.weight.quant_state.bitsandbytes__nf4"
+    data = json.loads(bytes(tensors[state_key].tolist()))
+    data.update(changes)
+    tensors[state_key] = torch.tensor(list(json.dumps(data).encode()), dtype=torch.uint8)
+    path = tmp_path_factory.mktemp("qs") / "model.safetensors"
+    save_file(tensors, str(path))
+    try:
+        base = open_checkpoint(path)
+    except LoraToolsError:
+        return
+    weight = base.quantized["layer.weight"]
+    with safe_open(str(path), "np") as f:
+        values = dequant.dequantize(weight, f.get_tensor("layer.weight").reshape(-1), dequant.read_parts(base, weight))
+    assert values.shape == weight.shape == tuple(data["shape"])
+    if changes.keys() <= {"nested_dtype"} or data == json.loads(bytes(state.as_dict(packed=True)["quant_state.bitsandbytes__nf4"].tolist())):
+        assert np.array_equal(values, bnb_functional.dequantize_4bit(packed, state).float().numpy())

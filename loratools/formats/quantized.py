@@ -19,12 +19,12 @@ read it (ops/dequant.py does the arithmetic) and which tensors belong to it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
 from ..errors import FormatError, UnsupportedError
+from .json_text import parse_json
 from .safetensors_header import Header, TensorInfo
 
 BNB_STATE = ".quant_state.bitsandbytes__"
@@ -95,11 +95,11 @@ def _bnb_weight(state_name: str, info: TensorInfo, headers, weight_map, path_of)
     quant_type, blocksize, dtype, shape = (state.get(k) for k in ("quant_type", "blocksize", "dtype", "shape"))
     if quant_type != suffix:
         raise FormatError(f"{where}: quant state says {quant_type!r} but is saved as {suffix}", code="quant-state")
-    if blocksize not in BNB_BLOCKSIZES:
+    if not _is_int(blocksize) or blocksize not in BNB_BLOCKSIZES:
         raise FormatError(f"{where}: blocksize {blocksize!r} is not one bitsandbytes uses", code="quant-state")
     if dtype not in BNB_DTYPES:
         raise FormatError(f"{where}: dtype {dtype!r}, expected bfloat16, float16 or float32", code="quant-state")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise FormatError(f"{where}: shape {shape!r} in the quant state is not a list of sizes", code="quant-state")
     numel = math.prod(shape)
     blocks = -(-numel // blocksize)
@@ -116,7 +116,7 @@ def _bnb_weight(state_name: str, info: TensorInfo, headers, weight_map, path_of)
     nested_blocksize = offset = 0
     if nested:
         nested_blocksize, offset = state.get("nested_blocksize"), state.get("nested_offset")
-        if nested_blocksize not in BNB_BLOCKSIZES or not isinstance(offset, (int, float)) or isinstance(offset, bool):
+        if not _is_int(nested_blocksize) or nested_blocksize not in BNB_BLOCKSIZES or not _finite_number(offset):
             raise FormatError(f"{where}: double quant without a valid nested_blocksize and nested_offset", code="quant-state")
         if state.get("nested_dtype", "float32") != "float32":
             raise UnsupportedError(f"{where}: nested dtype {state.get('nested_dtype')!r}; loratools reads float32", code="quant-state")
@@ -135,15 +135,26 @@ def _bnb_weight(state_name: str, info: TensorInfo, headers, weight_map, path_of)
                            int(nested_blocksize), float(offset))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_number(value) -> bool:
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
 def _read_state(state_name: str, header: Header, info: TensorInfo, path: str | os.PathLike) -> dict:
     header.check_unchanged()
     with open(path, "rb", buffering=0) as fh:
         fh.seek(header.data_start + info.start)
         raw = fh.read(info.end - info.start)
     try:
-        state = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise FormatError(f"{state_name}: the quant state is not JSON", code="quant-state") from None
+        state = parse_json(raw)
+    except ValueError as exc:
+        raise FormatError(f"{state_name}: the quant state is not JSON ({exc})", code="quant-state") from None
     if not isinstance(state, dict):
         raise FormatError(f"{state_name}: the quant state is not a JSON object", code="quant-state")
     return state

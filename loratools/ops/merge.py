@@ -137,7 +137,7 @@ def merge_checkpoint(
         device=dev,
         shards=len(base.shards),
         workers=workers,
-        tensors=len(base.weight_map),
+        tensors=len(base.weight_map) - (0 if plan.keep_quantized else len(base.quant_parts)),
         tensors_changed=changed,
         tensors_replaced=replaced,
         base_quantization=base.describe_quantization(),
