@@ -4,7 +4,7 @@ Importing loratools does not import torch; functions that need tensors import it
 """
 
 from .adapter import Adapter, Extra, LoraModule
-from .api import extract, load_adapter, merge, save_adapter
+from .api import export, extract, load_adapter, merge, save_adapter
 from .config import AdapterConfig
 from .errors import LoraToolsError
 
@@ -17,6 +17,7 @@ __all__ = [
     "LoraModule",
     "LoraToolsError",
     "load_adapter",
+    "export",
     "extract",
     "merge",
     "save_adapter",

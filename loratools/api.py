@@ -110,3 +110,39 @@ def extract(
     write_adapter(adapter, out, force=force, inputs=[base_path, tuned_path])
     report.out = os.fspath(out)
     return report.to_dict()
+
+
+def export(
+    adapter: str | os.PathLike | Adapter,
+    out: str | os.PathLike,
+    *,
+    base_arch: str | None = None,
+    base: str | os.PathLike | None = None,
+    force: bool = False,
+) -> dict:
+    """Write `out` (.gguf): the adapter as a GGUF LoRA adapter for llama.cpp; returns the report
+    (the `export --json` schema). base_arch: "llama", "mistral" or "qwen2" (default: the
+    adapter's, or the base's model_type). base: a directory, config.json or Hub id whose
+    config.json gives the head counts (needed to reorder q/k rows for llama.cpp) and tying."""
+    from .errors import UsageError
+    from .formats.json_text import parse_json
+    from .ops.export_gguf import export_gguf
+
+    if Path(out).suffix != ".gguf":
+        raise UsageError(f"{out}: the output of export is a .gguf file")
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter)
+    config = None
+    if base is not None:
+        path = resolve(base, allow_patterns=["config.json"])
+        path = path / "config.json" if path.is_dir() else path
+        try:
+            config = parse_json(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--base {base}: no readable config.json ({exc})") from None
+        if not isinstance(config, dict):
+            raise UsageError(f"--base {base}: config.json is not a JSON object")
+        if isinstance(config.get("model_type"), str):
+            adapter = adapter.for_model_type(config["model_type"])
+            base_arch = base_arch or config["model_type"]
+    return export_gguf(adapter, out, base_arch=base_arch, base_config=config, force=force).to_dict()

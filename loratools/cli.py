@@ -309,6 +309,30 @@ def _parse_weights(ctx, param, value):
 
 
 @main.command()
+@click.argument("adapter")
+@click.argument("out", type=click.Path())
+@click.option("--base-arch", help="llama.cpp architecture: llama, mistral or qwen2 [default: the adapter's or the base's].")
+@click.option("--base", help="Base model directory, config.json or Hub repo: only config.json is read (head counts, tied embeddings).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
+def export(adapter, out, base_arch, base, force, as_json) -> None:
+    """Write ADAPTER as a GGUF LoRA adapter (OUT.gguf) that llama.cpp loads with --lora.
+
+    Every module's own scaling (rank/alpha patterns, rsLoRA) is folded into its B, since
+    llama.cpp has one alpha per file; q/k rows follow llama.cpp's rotary order for LLaMA.
+    """
+    from .api import export as run_export
+
+    report = run_export(adapter, out, base_arch=base_arch, base=base, force=force)
+    if as_json:
+        _print_json(report)
+    else:
+        click.echo(f"exported {report['modules']} modules ({report['tensors']} tensors) to {report['out']}: "
+                   f"architecture {report['architecture']}, alpha {report['alpha']:g}; "
+                   f"{len(report['rescaled'])} with their scaling folded into B, {len(report['permuted'])} q/k reordered for rope")
+
+
+@main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(), help="Output adapter directory.")
 @click.option("--method", type=click.Choice(["cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),

@@ -1,0 +1,28 @@
+"""What llama.cpp calls each family we export to GGUF, and whether its converter reorders the
+rows of q/k projections (llama.cpp applies rotary embeddings to interleaved halves, so
+convert_hf_to_gguf.py permutes q_proj/k_proj rows for the LLaMA family; Qwen2 keeps HF order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    name: str  # general.architecture in the GGUF file (what llama.cpp matches against the model)
+    permute_qk: bool  # rows of q_proj/k_proj in llama.cpp's rotary order
+
+
+GGUF_ARCHS = {
+    "llama": GgufArch("llama", permute_qk=True),
+    "mistral": GgufArch("llama", permute_qk=True),  # llama.cpp converts Mistral as LLaMA
+    "qwen2": GgufArch("qwen2", permute_qk=False),
+}
+
+
+def gguf_arch(name: str) -> GgufArch:
+    if name not in GGUF_ARCHS:
+        raise UsageError(f"--base-arch {name!r}: GGUF export knows {', '.join(GGUF_ARCHS)}")
+    return GGUF_ARCHS[name]
