@@ -39,7 +39,8 @@ CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_bnb_dequantization_is_bit_for_bit(quant_type, nested, blocksize, dtype):
     torch.manual_seed(blocksize)
-    for shape in [(64, 128), (3, 37), (7, 1000)]:  # odd sizes: a last partial block, an odd element count
+    # odd sizes: a last partial block, an odd element count; (96, 512): whole chunks of 16384 plus a tail
+    for shape in [(64, 128), (3, 37), (7, 1000), (96, 512), (128, 256)]:
         w = torch.randn(shape, dtype=dtype) * 0.05
         packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
         ref = bnb_functional.dequantize_4bit(packed, state)
@@ -48,7 +49,7 @@ def test_bnb_dequantization_is_bit_for_bit(quant_type, nested, blocksize, dtype)
             parts.update(nested_absmax=state.state2.absmax.numpy(), nested_quant_map=state.state2.code.numpy())
         weight = QuantizedWeight("w", quant_type, shape, CODES[dtype], (blocksize,), {},
                                  state.state2.blocksize if nested else 0, float(state.offset) if nested else 0.0)
-        mine = dequant.dequantize(weight, packed.numpy().view(np.uint8), parts)
+        mine = dequant.dequantize_float32(weight, packed.numpy().view(np.uint8), parts)
         # Bits compared after +0.0, which makes -0.0 into 0.0: bitsandbytes' own kernels disagree
         # on the sign of fp4's zero (its C kernel gives -0.0, its fallback for odd widths 0.0).
         assert np.array_equal((mine + 0.0).view(np.uint32), (ref.float().numpy() + 0.0).view(np.uint32)), shape
@@ -413,7 +414,7 @@ def test_any_quant_state_is_read_or_refused_cleanly(tmp_path_factory, changes):
         return
     weight = base.quantized["layer.weight"]
     with safe_open(str(path), "np") as f:
-        values = dequant.dequantize(weight, f.get_tensor("layer.weight").reshape(-1), dequant.read_parts(base, weight))
+        values = dequant.dequantize_float32(weight, f.get_tensor("layer.weight").reshape(-1), dequant.read_parts(base, weight))
     assert values.shape == weight.shape == tuple(data["shape"])
     if changes.keys() <= {"nested_dtype"} or data == json.loads(bytes(state.as_dict(packed=True)["quant_state.bitsandbytes__nf4"].tolist())):
         assert np.array_equal(values, bnb_functional.dequantize_4bit(packed, state).float().numpy())

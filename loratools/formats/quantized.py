@@ -97,7 +97,7 @@ def _bnb_weight(state_name: str, info: TensorInfo, headers, weight_map, path_of)
         raise FormatError(f"{where}: quant state says {quant_type!r} but is saved as {suffix}", code="quant-state")
     if not _is_int(blocksize) or blocksize not in BNB_BLOCKSIZES:
         raise FormatError(f"{where}: blocksize {blocksize!r} is not one bitsandbytes uses", code="quant-state")
-    if dtype not in BNB_DTYPES:
+    if not isinstance(dtype, str) or dtype not in BNB_DTYPES:
         raise FormatError(f"{where}: dtype {dtype!r}, expected bfloat16, float16 or float32", code="quant-state")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise FormatError(f"{where}: shape {shape!r} in the quant state is not a list of sizes", code="quant-state")

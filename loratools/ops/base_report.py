@@ -86,7 +86,7 @@ def _values(base: Checkpoint, name: str) -> np.ndarray:
     weight = base.quantized.get(name)
     if weight is None:
         return store.array(name).astype(np.float32, copy=False)
-    return dequant.dequantize(weight, store.raw(name), dequant.read_parts(base, weight))
+    return dequant.dequantize_float32(weight, store.raw(name), dequant.read_parts(base, weight))
 
 
 def _delta_norm(adapter: Adapter, module) -> float:

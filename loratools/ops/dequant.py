@@ -5,7 +5,7 @@ packed two per byte, high nibble first, over the flattened weight. With double q
 itself nested_quant_map[absmax_i] * nested_absmax[i // nested_blocksize] + nested_offset. Each
 product is a float32, which bitsandbytes then rounds to its quant state's dtype: that rounded
 value is the weight the 4-bit model computes with, so it is what `dequantize_bnb` returns
-(widened back to float32, exactly). Checked bit for bit against
+(bf16 as its bits). Checked bit for bit against
 `bitsandbytes.functional.dequantize_4bit` in the tests.
 
 FP8 e4m3 with block scales: value = e4m3(code) * scale_inv[row // block_rows, col // block_cols],
@@ -34,13 +34,31 @@ def read_parts(checkpoint: Checkpoint, weight: QuantizedWeight) -> dict[str, np.
 
 
 def dequantize(weight: QuantizedWeight, stored: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
-    """The weight in float32, shape weight.shape. stored: the quantized tensor's bytes (uint8)."""
+    """The weight's values, shape weight.shape, as `value_dtype(weight)` holds them (bf16 as
+    its uint16 bits): bnb in its quant state's dtype, FP8 in float32. stored: the quantized
+    tensor's bytes (uint8)."""
     if weight.scheme == "fp8":
         return dequantize_fp8(stored, parts["scale_inv"], weight.shape, weight.block)
     code = parts["quant_map"].reshape(-1).astype(np.float32)
     if weight.scheme == "fp4" and code[8] == 0:
         code[8] = -0.0  # fp4's code 8 is sign bit + zero: bitsandbytes' kernels give -0.0 there
     return dequantize_bnb(stored, bnb_absmax(weight, parts), code, weight.block[0], weight.shape, weight.dtype)
+
+
+def value_dtype(weight: QuantizedWeight) -> str:
+    """The dtype code of what `dequantize` returns."""
+    return "F32" if weight.scheme == "fp8" else weight.dtype
+
+
+def dequantize_float32(weight: QuantizedWeight, stored: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
+    return widen(dequantize(weight, stored, parts), value_dtype(weight))
+
+
+def widen(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 of values held as `dtype` (bf16 bits, float16, float32): exact."""
+    if dtype == "BF16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
 
 
 def bnb_absmax(weight: QuantizedWeight, parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -55,33 +73,58 @@ def bnb_absmax(weight: QuantizedWeight, parts: dict[str, np.ndarray]) -> np.ndar
     return out
 
 
+CHUNK = 1 << 14  # elements dequantized per step (stays in cache); a multiple of every blocksize
+_HELD = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # how each dtype is held (bf16 as bits)
+
+
 def dequantize_bnb(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int,
                    shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """In chunks that stay in cache: two packed bytes index a table of their four code values
+    (a numpy gather costs per index: one index for four values), then each block is scaled and
+    rounded into the output."""
     numel = int(np.prod(shape, dtype=np.int64))
     packed = packed.reshape(-1)
-    codes = np.empty(packed.size * 2, dtype=np.uint8)
-    np.right_shift(packed, 4, out=codes[0::2])
-    np.bitwise_and(packed, 0x0F, out=codes[1::2])
-    values = code[codes[:numel]]
-    full = numel // blocksize * blocksize
-    blocks = values[:full].reshape(-1, blocksize)  # a view: scaled in place
-    blocks *= absmax[: full // blocksize, None]
-    if full < numel:
-        values[full:] *= absmax[full // blocksize]
-    return round_to(values, dtype).reshape(shape)
+    out = np.empty(numel, dtype=_HELD[dtype])
+    whole = numel // CHUNK * CHUNK
+    if whole:
+        four = _four_codes(code)
+        pairs = packed[: whole // 2].view("<u2")
+        values = np.empty(CHUNK, dtype=np.float32)
+        scratch = np.empty(CHUNK, dtype=np.uint32)
+        for start in range(0, whole, CHUNK):
+            np.take(four, pairs[start // 4: (start + CHUNK) // 4], axis=0, out=values.reshape(-1, 4))
+            blocks = values.reshape(-1, blocksize)  # a view: scaled in place
+            blocks *= absmax[start // blocksize: (start + CHUNK) // blocksize, None]
+            _round_into(values, out[start: start + CHUNK], dtype, scratch)
+    if whole < numel:  # the last partial chunk (any size, maybe a partial block): nibble by nibble
+        rest = packed[whole // 2:]
+        codes = np.empty(rest.size * 2, dtype=np.uint8)
+        np.right_shift(rest, 4, out=codes[0::2])
+        np.bitwise_and(rest, 0x0F, out=codes[1::2])
+        values = code[codes[: numel - whole]]
+        values *= absmax[(whole + np.arange(numel - whole)) // blocksize]
+        _round_into(values, out[whole:], dtype, np.empty(values.size, dtype=np.uint32))
+    return out.reshape(shape)
 
 
-def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values rounded to bfloat16/float16 (nearest, ties to even) and widened back; in place when it can."""
+def _four_codes(code: np.ndarray) -> np.ndarray:
+    """(65536, 4) float32: the code values of the four nibbles of a little-endian uint16 of two
+    packed bytes, in element order (high nibble first in each byte)."""
+    v = np.arange(65536, dtype=np.uint32)
+    return np.ascontiguousarray(np.stack([code[(v >> 4) & 15], code[v & 15], code[(v >> 12) & 15], code[(v >> 8) & 15]], axis=1))
+
+
+def _round_into(values: np.ndarray, out: np.ndarray, dtype: str, scratch: np.ndarray) -> None:
+    """float32 values rounded (nearest, ties to even) into `out`, held as `dtype` holds them."""
     if dtype == "BF16":
         bits = values.view(np.uint32)
-        lsb = (bits >> 16) & 1
-        bits += np.uint32(0x7FFF) + lsb
-        bits &= np.uint32(0xFFFF0000)
-        return values
-    if dtype == "F16":
-        return values.astype(np.float16).astype(np.float32)
-    return values
+        np.right_shift(bits, 16, out=scratch)
+        scratch &= 1
+        scratch += 0x7FFF
+        scratch += bits
+        np.right_shift(scratch, 16, out=out, casting="unsafe")
+    else:
+        np.copyto(out, values, casting="same_kind")
 
 
 def _e4m3_table() -> np.ndarray:

@@ -63,10 +63,10 @@ def merge_tensor(plan: MergePlan, ops: TensorOps, base: np.ndarray, in_dtype: st
         _merge_blocks(products, base, in_dtype, out_dtype, writer, name, work)
 
 
-def store(values: np.ndarray, out_dtype: str, writer, name: str, work: Workspace) -> None:
-    """Queue float32 values rounded into the output dtype (a dequantized weight no ΔW touches)."""
+def store(values: np.ndarray, in_dtype: str, out_dtype: str, writer, name: str, work: Workspace) -> None:
+    """Queue values held as `in_dtype` rounded into the output dtype (a dequantized weight no ΔW touches)."""
     with np.errstate(all="ignore"):
-        _merge_blocks([], values.reshape(values.shape[0], -1), "F32", out_dtype, writer, name, work)
+        _merge_blocks([], values.reshape(values.shape[0], -1), in_dtype, out_dtype, writer, name, work)
 
 
 def _merge_blocks(products, base: np.ndarray, in_dtype: str, out_dtype: str, writer, name: str, work: Workspace) -> None:

@@ -57,10 +57,14 @@ def needs_torch(plan: MergePlan, device: str) -> bool:
         return True
     for shard in plan.base.shards:
         for name, dtype, shape in out_entries(plan, shard):
-            in_dtype = "F32" if _dequantizes(plan, name) else plan.base.shards[shard].tensors[name].dtype
             ops = plan.ops.get(name)
-            if plan.keep_quantized and name in plan.base.quantized:
-                dtype = "F32"
+            if _dequantizes(plan, name):
+                if ops is None:
+                    continue  # stored as dequantized, or rounded by merge_numpy.store
+                in_dtype = dequant.value_dtype(plan.base.quantized[name])
+                dtype = "F32" if plan.keep_quantized else dtype  # merged in float32, then quantized again
+            else:
+                in_dtype = plan.base.shards[shard].tensors[name].dtype
             if (ops is None and dtype != in_dtype) or (ops is not None and not merge_numpy.handles(ops, in_dtype, dtype, shape)):
                 return True
     return False
@@ -94,11 +98,13 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
                     requantized.update(_requantize(plan, requantize, source, work, torch_state))
                     writer.write(requantized.pop(name))
                 elif _dequantizes(plan, name):
-                    values = _dequantize(plan, name, source)
-                    if ops is None:
-                        merge_numpy.store(values, dtype, writer, name, work)
+                    values, held = _dequantize(plan, name, source)
+                    if ops is None and held == dtype:  # bnb's own dtype: written as dequantized
+                        writer.write(values)
+                    elif ops is None:
+                        merge_numpy.store(values, held, dtype, writer, name, work)
                     else:
-                        _merge_tensor(plan, ops, values.reshape(-1).view(np.uint8), "F32", dtype, shape, writer, name, work, torch_state)
+                        _merge_tensor(plan, ops, values.reshape(-1).view(np.uint8), held, dtype, shape, writer, name, work, torch_state)
                 elif ops is None and dtype == info.dtype:  # copied in the kernel, page cache to page cache
                     writer.copy(fin.fileno(), header.data_start + info.start, info.end - info.start)
                 else:
@@ -116,10 +122,11 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
         return fout.tell()
 
 
-def _dequantize(plan: MergePlan, name: str, source: "_SourceMap") -> np.ndarray:
+def _dequantize(plan: MergePlan, name: str, source: "_SourceMap") -> tuple[np.ndarray, str]:
+    """The values of a quantized weight and the dtype code they are held in."""
     weight = plan.base.quantized[name]
     stored = np.frombuffer(source.bytes(plan.base.shards[plan.base.weight_map[name]].tensors[name]), dtype=np.uint8)
-    return dequant.dequantize(weight, stored, dequant.read_parts(plan.base, weight))
+    return dequant.dequantize(weight, stored, dequant.read_parts(plan.base, weight)), dequant.value_dtype(weight)
 
 
 def _requantized_by(plan: MergePlan) -> dict[str, str]:
@@ -138,8 +145,8 @@ def _requantize(plan: MergePlan, name: str, source: "_SourceMap", work, torch_st
     weight and its new scales (plan_merge checked both are in this shard)."""
     weight = plan.base.quantized[name]
     merged = _ArrayWriter(weight.shape)
-    values = _dequantize(plan, name, source)
-    _merge_tensor(plan, plan.ops[name], values.reshape(-1).view(np.uint8), "F32", "F32", weight.shape, merged, name, work, torch_state)
+    values, held = _dequantize(plan, name, source)
+    _merge_tensor(plan, plan.ops[name], values.reshape(-1).view(np.uint8), held, "F32", weight.shape, merged, name, work, torch_state)
     torch_state.verify()
     codes, scale_inv = dequant.quantize_fp8(merged.array, weight.block)
     return {name: codes.reshape(-1), weight.parts["scale_inv"]: scale_inv.reshape(-1).view(np.uint8)}
