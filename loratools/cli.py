@@ -235,9 +235,10 @@ def resize(adapter, out, rank, energy, force, as_json) -> None:
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--base", help="Also check against this base checkpoint (headers only).")
+@click.option("--target", type=click.Choice(["vllm", "llama.cpp"]), help="Also check what this serving runtime refuses or serves differently.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
 @click.option("--strict", is_flag=True, help="Warnings fail too.")
-def validate(adapters, base, as_json, strict) -> None:
+def validate(adapters, base, target, as_json, strict) -> None:
     """Check adapter files without loading a model. Exit 0: valid; 1: problems; 2: usage error.
 
     ADAPTERS are adapter directories or files in them (each directory is checked once), so
@@ -248,7 +249,7 @@ def validate(adapters, base, as_json, strict) -> None:
     from .ops.validate import render, report, validate_many
 
     checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS)) if base else None
-    results = validate_many(adapters, checkpoint)
+    results = validate_many(adapters, checkpoint, target)
     _print_json(report(results, strict, checkpoint)) if as_json else click.echo(render(results, strict, checkpoint))
     sys.exit(0 if all(r.ok(strict) for r in results) else 1)
 
@@ -271,19 +272,39 @@ DEFAULT_TARGET = _convert_schemes()[0]
 @click.option("--prefix", "head", help="Target head class family, e.g. causal-lm, base, sequence-classification [default: the target's first].")
 @click.option("--drop-unmapped", is_flag=True, help="Drop modules with no counterpart instead of failing.")
 @click.option("--base-model", help="base_model_name_or_path for the new config [default: cleared].")
+@click.option("--to-lora", is_flag=True, help="Instead: the same adapter with scaling 1 in every module (what vLLM and llama.cpp read alike).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
-def convert(adapter, out, source, target, head, drop_unmapped, base_model, force, as_json) -> None:
+@click.pass_context
+def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, to_lora, force, as_json) -> None:
     """Rewrite ADAPTER for another module naming scheme; every role's ΔW stays exactly the same.
 
     GPT-2's fused c_attn is split into q/k/v (rows of B) or joined from them (A stacked, B
     block-diagonal: the ranks add up). Modules with no counterpart are an error unless
     --drop-unmapped.
+
+    With --to-lora, the names stay and every module's scaling (rank/alpha patterns, rsLoRA)
+    is folded into its B: a plain LoRA with scaling 1 that serving runtimes read as PEFT does.
     """
     from .api import load_adapter, save_adapter
     from .ops.convert import convert_adapter
 
     source_adapter = load_adapter(adapter)
+    if to_lora:
+        given = [f"--{p.replace('source', 'from').replace('target', 'to').replace('head', 'prefix').replace('_', '-')}"
+                 for p in ("source", "target", "head", "drop_unmapped", "base_model")
+                 if ctx.get_parameter_source(p) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--to-lora keeps the module names; it does not combine with {', '.join(given)}")
+        from .ops.to_lora import to_plain_lora
+
+        plain, lora_report = to_plain_lora(source_adapter)
+        save_adapter(plain, out, force=force, sources=[source_adapter])
+        summary = {"adapter": adapter, "out": out, "modules": lora_report.modules, "rescaled": lora_report.rescaled}
+        _print_json(summary) if as_json else click.echo(
+            f"converted to plain LoRA (scaling 1 in every module) into {out}: {lora_report.modules} modules, "
+            f"{len(lora_report.rescaled)} with their scaling folded into B")
+        return
     converted, report = convert_adapter(
         source_adapter, to=target, source=source, head=head, drop_unmapped=drop_unmapped, base_model=base_model
     )

@@ -63,8 +63,9 @@ class Result:
         return self.errors == 0 and (not strict or self.warnings == 0)
 
 
-def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None) -> Result:
-    """Every check on one adapter (a directory, or a file of it: its directory is checked)."""
+def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None, target: str | None = None) -> Result:
+    """Every check on one adapter (a directory, or a file of it: its directory is checked).
+    target: "vllm" or "llama.cpp" adds what that runtime refuses or serves differently."""
     findings: list[Finding] = []
     add = lambda code, severity, message, module=None: findings.append(Finding(code, severity, module, message))  # noqa: E731
     path = Path(adapter_path)
@@ -91,6 +92,10 @@ def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None) ->
         _check_against_base(adapter, base, add)
         if not any(f.severity == ERROR for f in findings):
             _check_merge_plan(adapter, base, add)
+    if target is not None:
+        from .serving import check_target
+
+        check_target(adapter, target, add, ERROR, WARNING)
     return Result(str(adapter_path), findings)
 
 
@@ -265,16 +270,17 @@ def adapter_dirs(paths: Iterable[str | os.PathLike]) -> list[str]:
     return list(seen)
 
 
-def validate_many(paths: Iterable[str | os.PathLike], base: Checkpoint | str | os.PathLike | None = None) -> list[Result]:
+def validate_many(paths: Iterable[str | os.PathLike], base: Checkpoint | str | os.PathLike | None = None,
+                  target: str | None = None) -> list[Result]:
     checkpoint = open_checkpoint(base) if base is not None and not isinstance(base, Checkpoint) else base
-    return [validate_guarded(p, checkpoint) for p in adapter_dirs(paths)]
+    return [validate_guarded(p, checkpoint, target) for p in adapter_dirs(paths)]
 
 
-def validate_guarded(path: str | os.PathLike, base: Checkpoint | None = None) -> Result:
+def validate_guarded(path: str | os.PathLike, base: Checkpoint | None = None, target: str | None = None) -> Result:
     """validate(), with any error it did not turn into a finding reported as one: one broken
     adapter never hides the results of the others."""
     try:
-        return validate(path, base)
+        return validate(path, base, target)
     except LoraToolsError as exc:
         return Result(str(path), [Finding(exc.code, ERROR, None, str(exc))])
     except (Exception, RecursionError) as exc:  # a check that failed to anticipate this input
