@@ -273,10 +273,13 @@ DEFAULT_TARGET = _convert_schemes()[0]
 @click.option("--drop-unmapped", is_flag=True, help="Drop modules with no counterpart instead of failing.")
 @click.option("--base-model", help="base_model_name_or_path for the new config [default: cleared].")
 @click.option("--to-lora", is_flag=True, help="Instead: the same adapter with scaling 1 in every module (what vLLM and llama.cpp read alike).")
+@click.option("--base", help="--to-lora of a DoRA adapter: the base checkpoint its ΔW depends on.")
+@click.option("--rank", type=int, help="--to-lora of a DoRA adapter: rank K of each module's LoRA.")
+@click.option("--energy", type=float, help="--to-lora of a DoRA adapter: per module, the smallest rank keeping this fraction of ‖ΔW‖².")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
 @click.pass_context
-def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, to_lora, force, as_json) -> None:
+def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, to_lora, base, rank, energy, force, as_json) -> None:
     """Rewrite ADAPTER for another module naming scheme; every role's ΔW stays exactly the same.
 
     GPT-2's fused c_attn is split into q/k/v (rows of B) or joined from them (A stacked, B
@@ -285,25 +288,21 @@ def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, 
 
     With --to-lora, the names stay and every module's scaling (rank/alpha patterns, rsLoRA)
     is folded into its B: a plain LoRA with scaling 1 that serving runtimes read as PEFT does.
+    A DoRA module becomes the best rank-K LoRA of its ΔW on --base (--rank K or --energy T).
     """
     from .api import load_adapter, save_adapter
     from .ops.convert import convert_adapter
 
     source_adapter = load_adapter(adapter)
+    if not to_lora and (base or rank is not None or energy is not None):
+        raise click.UsageError("--base, --rank and --energy go with --to-lora")
     if to_lora:
         given = [f"--{p.replace('source', 'from').replace('target', 'to').replace('head', 'prefix').replace('_', '-')}"
                  for p in ("source", "target", "head", "drop_unmapped", "base_model")
                  if ctx.get_parameter_source(p) is click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"--to-lora keeps the module names; it does not combine with {', '.join(given)}")
-        from .ops.to_lora import to_plain_lora
-
-        plain, lora_report = to_plain_lora(source_adapter)
-        save_adapter(plain, out, force=force, sources=[source_adapter])
-        summary = {"adapter": adapter, "out": out, "modules": lora_report.modules, "rescaled": lora_report.rescaled}
-        _print_json(summary) if as_json else click.echo(
-            f"converted to plain LoRA (scaling 1 in every module) into {out}: {lora_report.modules} modules, "
-            f"{len(lora_report.rescaled)} with their scaling folded into B")
+        _convert_to_lora(source_adapter, adapter, out, base, rank, energy, force, as_json)
         return
     converted, report = convert_adapter(
         source_adapter, to=target, source=source, head=head, drop_unmapped=drop_unmapped, base_model=base_model
@@ -318,6 +317,32 @@ def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, 
         )
         if report.dropped:
             click.echo(f"dropped (no counterpart): {', '.join(report.dropped)}")
+
+
+def _convert_to_lora(source_adapter, adapter, out, base, rank, energy, force, as_json) -> None:
+    from .api import save_adapter
+    from .ops.to_lora import to_plain_lora
+
+    checkpoint = None
+    if base:
+        from .formats.checkpoint import open_checkpoint
+        from .hub import BASE_IGNORE_PATTERNS, resolve
+
+        checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
+    plain, report = to_plain_lora(source_adapter, checkpoint, rank=rank, energy=energy)
+    save_adapter(plain, out, force=force, sources=[source_adapter])
+    if as_json:
+        _print_json({"adapter": adapter, "out": out, "modules": report.modules, "rescaled": report.rescaled,
+                     "dora": [m.__dict__ for m in report.dora]})
+        return
+    click.echo(f"converted to plain LoRA (scaling 1 in every module) into {out}: {report.modules} modules, "
+               f"{len(report.rescaled)} with their scaling folded into B")
+    if report.dora:
+        worst = max(report.dora, key=lambda m: m.relative_error)
+        click.echo(f"{len(report.dora)} DoRA modules as rank-{'/'.join(sorted({str(m.rank) for m in report.dora}))} LoRA; "
+                   f"largest relative error ‖ΔW−ΔW_K‖/‖ΔW‖ {worst.relative_error:.3g} ({worst.name})")
+        for m in report.dora:
+            click.echo(f"  {m.name:<48} rank {m.rank:<5} energy kept {m.retained_energy:.6f}  error {m.relative_error:.3g}")
 
 
 def _parse_weights(ctx, param, value):

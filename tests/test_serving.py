@@ -72,8 +72,69 @@ def test_to_lora_keeps_every_delta_and_sets_scaling_one(tmp_path, adapter):
     assert "vllm-scaling" not in _codes(out, "vllm")
 
 
-def test_to_lora_refuses_what_depends_on_the_base(tmp_path):
-    assert_clean_error(run_cli("convert", ADAPTERS / "llama-dora", tmp_path / "o", "--to-lora"), "DoRA", "merge it")
+def test_to_lora_refuses_mixing_with_renaming(tmp_path):
     result = run_cli("convert", ADAPTERS / "llama-basic", tmp_path / "o", "--to-lora", "--to", "gpt2")
     assert result.returncode == 2 and "does not combine with --to" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---- DoRA -> LoRA ---------------------------------------------------------------------------
+
+
+def test_dora_to_lora_at_full_rank_merges_to_peft_dora(tmp_path):
+    """Exact when the rank allows: PEFT merges the LoRA to the weights it merges the DoRA to."""
+    from tests.conftest import BASES
+    from tests.peft_ref import peft_merged_state_dict
+
+    out = tmp_path / "lora"
+    result = run_cli("convert", ADAPTERS / "llama-dora", out, "--to-lora", "--base", BASES / "llama", "--rank", "16", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["dora"]) == 6 and all(m["relative_error"] < 1e-5 for m in report["dora"])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is False
+    dora = peft_merged_state_dict("llama", BASES / "llama", ADAPTERS / "llama-dora")
+    lora = peft_merged_state_dict("llama", BASES / "llama", out)
+    for name, tensor in dora.items():
+        torch.testing.assert_close(lora[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", [("--rank", "2"), ("--energy", "0.9")])
+def test_dora_to_lora_is_the_best_low_rank_approximation(tmp_path, how):
+    """Eckart–Young: the error of the LoRA written is the optimum for its rank, from PEFT's own ΔW."""
+    import numpy as np
+
+    from tests.conftest import BASES
+    from tests.peft_ref import load_base, peft_merged_state_dict
+
+    out = tmp_path / "lora"
+    result = run_cli("convert", ADAPTERS / "llama-dora", out, "--to-lora", "--base", BASES / "llama", *how, "--json")
+    assert result.returncode == 0, result.stderr
+    modules = {m["name"]: m for m in json.loads(result.stdout)["dora"]}
+    base = {k: v.detach() for k, v in load_base("llama", BASES / "llama").state_dict().items()}
+    dora = peft_merged_state_dict("llama", BASES / "llama", ADAPTERS / "llama-dora")
+    lora = peft_merged_state_dict("llama", BASES / "llama", out)
+    for path, m in modules.items():
+        delta = (dora[path + ".weight"] - base[path + ".weight"]).double().numpy()
+        sigma = np.linalg.svd(delta, compute_uv=False)
+        k = m["rank"]
+        optimum = np.sqrt((sigma[k:] ** 2).sum() / (sigma ** 2).sum())
+        got = (lora[path + ".weight"] - base[path + ".weight"]).double().numpy()
+        assert np.linalg.norm(delta - got) / np.linalg.norm(delta) == pytest.approx(optimum, rel=1e-3, abs=1e-6)
+        assert m["relative_error"] == pytest.approx(optimum, rel=1e-3, abs=1e-6)
+        if how[0] == "--energy":
+            kept = (sigma[:k] ** 2).sum() / (sigma ** 2).sum()
+            assert kept >= 0.9 * (1 - 1e-9) and (k == 1 or (sigma[: k - 1] ** 2).sum() / (sigma ** 2).sum() < 0.9)
+        else:
+            assert k == 2
+
+
+def test_dora_to_lora_needs_the_base(tmp_path):
+    assert_clean_error(run_cli("convert", ADAPTERS / "llama-dora", tmp_path / "o", "--to-lora"), "give --base", code=2)
+    from tests.conftest import BASES
+
+    assert_clean_error(run_cli("convert", ADAPTERS / "llama-dora", tmp_path / "o", "--to-lora", "--base", BASES / "llama"),
+                       "exactly one of --rank", code=2)
+    assert_clean_error(run_cli("convert", ADAPTERS / "llama-basic", tmp_path / "o", "--to-lora", "--rank", "2"),
+                       "for DoRA adapters", code=2)
     assert not (tmp_path / "o").exists()

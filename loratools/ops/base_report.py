@@ -20,7 +20,6 @@ from ..adapter import Adapter
 from ..arch import Role
 from ..errors import ShapeError
 from ..formats.checkpoint import Checkpoint
-from ..formats.tensors import SafetensorsStore
 from . import dequant
 from .basemap import BaseNameMapper, adapter_for_base
 
@@ -53,7 +52,7 @@ def compare_bases(adapter: Adapter, quantized: Checkpoint, reference: Checkpoint
         if quantized.info(q_name).shape != reference.info(r_name).shape:
             raise ShapeError(f"{q_name} is {list(quantized.info(q_name).shape)} in the base but "
                              f"{list(reference.info(r_name).shape)} in --compare-base: not the same model", code="base-shape")
-        error = float(np.linalg.norm((_values(reference, r_name) - _values(quantized, q_name)).ravel()))
+        error = float(np.linalg.norm((dequant.read_float32(reference, r_name) - dequant.read_float32(quantized, q_name)).ravel()))
         delta = _delta_norm(adapter, module)
         rows.append({
             "module": module.path,
@@ -78,15 +77,6 @@ def render_compare(rows: list[dict[str, Any]]) -> str:
                   "(the model that was trained), or check the 16-bit merge's outputs")
         lines.append(f"median ratio {median:.3g}, largest {ratios[-1]:.3g}: {advice}")
     return "\n".join(lines)
-
-
-def _values(base: Checkpoint, name: str) -> np.ndarray:
-    shard = base.weight_map[name]
-    store = SafetensorsStore(base.file(shard), base.shards[shard])
-    weight = base.quantized.get(name)
-    if weight is None:
-        return store.array(name).astype(np.float32, copy=False)
-    return dequant.dequantize_float32(weight, store.raw(name), dequant.read_parts(base, weight))
 
 
 def _delta_norm(adapter: Adapter, module) -> float:

@@ -33,6 +33,16 @@ def read_parts(checkpoint: Checkpoint, weight: QuantizedWeight) -> dict[str, np.
     return out
 
 
+def read_float32(checkpoint: Checkpoint, name: str) -> np.ndarray:
+    """Any weight of a checkpoint as float32, dequantized if it is quantized (read whole)."""
+    shard = checkpoint.weight_map[name]
+    store = SafetensorsStore(checkpoint.file(shard), checkpoint.shards[shard])
+    weight = checkpoint.quantized.get(name)
+    if weight is None:
+        return store.array(name).astype(np.float32, copy=False)
+    return dequantize_float32(weight, store.raw(name), read_parts(checkpoint, weight))
+
+
 def dequantize(weight: QuantizedWeight, stored: np.ndarray, parts: dict[str, np.ndarray]) -> np.ndarray:
     """The weight's values, shape weight.shape, as `value_dtype(weight)` holds them (bf16 as
     its uint16 bits): bnb in its quant state's dtype, FP8 in float32. stored: the quantized

@@ -169,7 +169,7 @@ def extract_adapter(
         d = diff if ref.layout is Layout.LINEAR else diff.T
         conv1d |= ref.layout is Layout.CONV1D
         total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
-        a, b, kept, method = _low_rank(d, total, rank, energy, max_rank, exact, generator)
+        a, b, kept, method = low_rank_factors(d, total, rank, energy, max_rank, exact, generator)
         a, b = a.to(out_dtype), b.to(out_dtype)
         error = float(torch.linalg.vector_norm(d - b.to(torch.float32) @ a.to(torch.float32)))
         k = a.shape[0]
@@ -196,7 +196,7 @@ def extract_adapter(
 # ---- the low-rank approximation -------------------------------------------------------------
 
 
-def _low_rank(d, total, rank, energy, max_rank, exact, generator):
+def low_rank_factors(d, total, rank, energy, max_rank, exact, generator):
     """(A (k, in), B (out, k), retained energy, "randomized"|"exact") for D (out, in), float32,
     whose squared Frobenius norm is `total`."""
     limit = min(d.shape)

@@ -1,42 +1,81 @@
-"""`loratools convert --to-lora`: the same ΔW in every module, as the plainest LoRA there is —
-scaling 1 everywhere.
+"""`loratools convert --to-lora`: an adapter as the plainest LoRA there is — scaling 1 in every
+module — so that serving runtimes read it as PEFT does.
 
 Serving runtimes apply one scaling rule to a whole adapter (vLLM: the config's lora_alpha/r,
 ignoring rank_pattern and alpha_pattern; llama.cpp: one alpha per file). An adapter whose
-modules each have scaling 1 is read the same by all of them and by PEFT: each B becomes s·B
-(float32, so no rounding beyond that one product), A is kept, and every module gets
-lora_alpha = its rank (use_rslora off), pinned by exact patterns where it differs from the
-most common one. A lora_B.bias, added as s·bias when merged, becomes s·bias too.
+modules each have scaling 1 is read the same by all of them and by PEFT.
+
+- Plain LoRA modules keep their ΔW exactly: B becomes s·B (float32, one rounding of that
+  product), A is kept, lora_alpha = the module's rank (use_rslora off), pinned by exact patterns
+  where it differs from the most common one. A lora_B.bias (merged as s·bias) becomes s·bias.
+- DoRA modules (with the base, `--base`): their ΔW = W' − W, where W' = m/‖W+s·B·A‖_row·(W+s·B·A)
+  as PEFT merges it, is not low-rank; it becomes its best rank-K approximation (truncated SVD,
+  Eckart–Young), K from `rank` or the smallest rank keeping the fraction `energy` of ‖ΔW‖²;
+  exact when K reaches min(out, in). The relative error ‖ΔW − ΔW_K‖/‖ΔW‖ is reported per module.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, LoraModule
+from ..arch import Layout
 from ..config import with_module_ranks
-from ..errors import UnsupportedError
+from ..errors import UnsupportedError, UsageError
+from ..formats.checkpoint import Checkpoint
+from .basemap import BaseNameMapper, adapter_for_base
+from .dequant import read_float32
+from .extract import DEFAULT_MAX_RANK, SEED, low_rank_factors
+from .merge_torch import _dora
+
+
+@dataclass
+class DoraModule:
+    name: str
+    rank: int  # of the LoRA written
+    retained_energy: float  # Σ kept σ² / Σ σ² of the DoRA ΔW
+    relative_error: float  # ‖ΔW − B'·A'‖ / ‖ΔW‖
 
 
 @dataclass
 class ToLoraReport:
     modules: int
-    rescaled: list[str] = field(default_factory=list)  # modules whose scaling was not already 1
+    rescaled: list[str] = field(default_factory=list)  # plain modules whose scaling was not already 1
+    dora: list[DoraModule] = field(default_factory=list)
 
 
-def to_plain_lora(adapter: Adapter) -> tuple[Adapter, ToLoraReport]:
+def to_plain_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | None = None, energy: float | None = None,
+                  max_rank: int = DEFAULT_MAX_RANK) -> tuple[Adapter, ToLoraReport]:
     adapter.require_supported("convert")
+    doras = [p for p, m in adapter.modules.items() if m.magnitude_key]
+    if doras and base is None:
+        raise UsageError(f"module {doras[0]} is DoRA: its ΔW depends on the base weight; give --base BASE "
+                         "and --rank K or --energy T")
+    if doras and (rank is None) == (energy is None):
+        raise UsageError("DoRA to LoRA: give exactly one of --rank K or --energy T")
+    if not doras and (rank is not None or energy is not None or base is not None):
+        raise UsageError("--base, --rank and --energy are for DoRA adapters (plain LoRA converts exactly without them)")
+    if rank is not None and rank < 1 or energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--rank must be at least 1 and --energy in (0, 1]; got {rank if rank is not None else energy}")
     for path, module in adapter.modules.items():
-        if module.magnitude_key or module.diag_key:
-            what = "DoRA" if module.magnitude_key else "KaSA"
-            raise UnsupportedError(f"module {path}: {what} is not a plain LoRA and its ΔW depends on the base weight; "
-                                   "merge it into the base instead (loratools merge)", code="unsupported")
+        if module.diag_key or (module.magnitude_key and module.lora_bias_key):
+            what = "KaSA" if module.diag_key else "DoRA with lora_bias"
+            raise UnsupportedError(f"module {path}: {what} has no plain LoRA form; merge it into the base instead (loratools merge)")
+    if doras:
+        adapter = adapter_for_base(base, adapter)
     tensors = adapter.state_dict()
     ranks: dict[str, tuple[int, float]] = {}
     report = ToLoraReport(len(adapter.modules))
+    mapper = BaseNameMapper(base, adapter) if doras else None
+    generator = torch.Generator().manual_seed(SEED)
     for path, module in adapter.modules.items():
+        if module.magnitude_key:
+            k = _dora_to_lora(adapter, module, base, mapper, tensors, rank, energy, max_rank, generator, report)
+            ranks[path] = (k, float(k))
+            continue
         ranks[path] = (module.rank, float(module.rank))  # alpha = r: scaling 1
         if module.scaling == 1.0:
             continue
@@ -45,5 +84,26 @@ def to_plain_lora(adapter: Adapter) -> tuple[Adapter, ToLoraReport]:
         tensors[module.a_key] = tensors[module.a_key].to(torch.float32)
         if module.lora_bias_key:
             tensors[module.lora_bias_key] = tensors[module.lora_bias_key].to(torch.float32) * module.scaling
-    raw = with_module_ranks(adapter.config.raw, ranks, use_rslora=False)
+    raw = with_module_ranks({**adapter.config.raw, "use_dora": False}, ranks, use_rslora=False)
     return Adapter.from_tensors(raw, tensors, source=adapter.source), report
+
+
+def _dora_to_lora(adapter: Adapter, module: LoraModule, base: Checkpoint, mapper: BaseNameMapper, tensors, rank, energy,
+                  max_rank, generator, report: ToLoraReport) -> int:
+    """Replace the module's tensors by the best low-rank LoRA of its DoRA ΔW; returns its rank."""
+    name = mapper.find(f"{module.path}.weight", f"module {module.path}")
+    w = torch.from_numpy(read_float32(base, name).copy())
+    if tuple(w.shape) != module.weight_shape:
+        raise UsageError(f"module {module.path}: base {name} is {list(w.shape)}, the adapter needs {list(module.weight_shape)}")
+    a, b = (t.to(torch.float32) for t in adapter.factors(module.path))
+    magnitude = adapter.tensor(module.magnitude_key).to(torch.float32)
+    merged = _dora(w.clone(), a, b, module.scaling, magnitude, module.layout)
+    delta = merged - w
+    d = delta if module.layout is Layout.LINEAR else delta.T  # LoRA orientation (out, in)
+    total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+    new_a, new_b, kept, _ = low_rank_factors(d, total, rank, energy, max_rank, False, generator)
+    error = float(torch.linalg.vector_norm(d - new_b @ new_a)) / math.sqrt(total) if total > 0 else 0.0
+    del tensors[module.magnitude_key]
+    tensors[module.a_key], tensors[module.b_key] = new_a.contiguous(), new_b.contiguous()
+    report.dora.append(DoraModule(module.path, new_a.shape[0], kept, error))
+    return new_a.shape[0]
