@@ -108,6 +108,7 @@ class Adapter:
         self.tensors = tensors
         self.source = source  # what the user named (a path or repo id), for messages and reports
         self.weights_path = weights_path  # the weights file it was read from, if any
+        self.derived_from: tuple[Adapter, ...] = ()  # the adapters an in-memory one was computed from
         self.modules: dict[str, LoraModule] = {}
         self.extras: list[Extra] = []
         self.trainable_tokens: list[TrainableTokens] = []
@@ -342,8 +343,10 @@ class Adapter:
                        collect_problems=self._collect, model_type=model_type)
 
     def input_paths(self) -> list[str]:
-        """The directory this adapter was read from (what outputs must not overwrite)."""
-        return [os.path.dirname(os.path.abspath(self.weights_path))] if self.weights_path else []
+        """The directory this adapter was read from, and those of the adapters an in-memory one
+        was derived from (`derived_from`): what outputs must not overwrite."""
+        own = [os.path.dirname(os.path.abspath(self.weights_path))] if self.weights_path else []
+        return own + [p for source in self.derived_from for p in source.input_paths()]
 
     def tensor(self, key: str) -> "torch.Tensor":
         return self.tensors.get(key)

@@ -47,6 +47,7 @@ def merge(
     progress=None,
     workers: int | None = None,
     keep_quantized: bool = False,
+    initial: str | os.PathLike | Adapter | None = None,
 ):
     """Merge `adapter` into the checkpoint `base` and write `out`, as PEFT's merge_and_unload would.
 
@@ -57,7 +58,9 @@ def merge(
     after each tensor. workers: shards merged at once on CPU, each in a forked process (default: one
     per core, at most one per shard). A quantized base (bitsandbytes nf4/fp4, block-scaled FP8) is
     dequantized and written in `dtype` (default bfloat16) without its quantization_config;
-    keep_quantized=True (FP8 only) writes changed weights quantized again instead.
+    keep_quantized=True (FP8 only) writes changed weights quantized again instead. initial: for a
+    PiSSA/OLoRA/CorDA/LoRA-GA adapter, the adapter PEFT saved before training (it is merged as
+    A′ = [A; A0], B′ = [B | −B0] into the original base).
     Returns a MergeReport. Everything is checked before the first byte is written; `out` appears
     only when complete.
     """
@@ -67,9 +70,18 @@ def merge(
 
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter)
+    if initial is not None:
+        adapter = with_initial(adapter, initial)
     checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
     plan = plan_merge(checkpoint, adapter, scale=scale, dtype=dtype, keep_quantized=keep_quantized)
     return merge_checkpoint(plan, out, device=device, force=force, progress=progress, workers=workers)
+
+
+def with_initial(adapter: Adapter, initial: str | os.PathLike | Adapter) -> Adapter:
+    """A PiSSA/OLoRA/CorDA/LoRA-GA adapter as plain LoRA on the original base (see ops/initial.py)."""
+    from .ops.initial import relative_to_initial
+
+    return relative_to_initial(adapter, initial if isinstance(initial, Adapter) else load_adapter(initial))
 
 
 def extract(

@@ -116,11 +116,12 @@ def info(adapter: str, base: str | None, compare_base: str | None, as_json: bool
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Output dtype of float tensors [default: keep each; bfloat16 for a quantized base].")
 @click.option("--keep-quantized", is_flag=True, help="FP8 base: write changed weights re-quantized (new block scales), not dequantized.")
+@click.option("--initial", help="PiSSA/OLoRA/CorDA/LoRA-GA adapter: the initial adapter PEFT saved before training.")
 @click.option("--workers", type=int, help="Shards merged at once on CPU, one process each [default: one per core].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (schema in the README).")
-def merge(base, adapter, out, device, scale, dtype, keep_quantized, workers, force, quiet, as_json) -> None:
+def merge(base, adapter, out, device, scale, dtype, keep_quantized, initial, workers, force, quiet, as_json) -> None:
     """Merge ADAPTER into the BASE checkpoint and write OUT, like PEFT's merge_and_unload.
 
     BASE is a model directory (model.safetensors, or shards with model.safetensors.index.json),
@@ -133,7 +134,7 @@ def merge(base, adapter, out, device, scale, dtype, keep_quantized, workers, for
 
     with _progress_bar(enabled=not quiet and not as_json, label="merging") as progress:
         report = run_merge(base, adapter, out, device=device, scale=scale, dtype=dtype, force=force, progress=progress,
-                           workers=workers, keep_quantized=keep_quantized)
+                           workers=workers, keep_quantized=keep_quantized, initial=initial)
     if as_json:
         _print_json(report.to_dict())
     elif not quiet:
@@ -274,12 +275,14 @@ DEFAULT_TARGET = _convert_schemes()[0]
 @click.option("--base-model", help="base_model_name_or_path for the new config [default: cleared].")
 @click.option("--to-lora", is_flag=True, help="Instead: the same adapter with scaling 1 in every module (what vLLM and llama.cpp read alike).")
 @click.option("--base", help="--to-lora of a DoRA adapter: the base checkpoint its ΔW depends on.")
+@click.option("--initial", help="--to-lora of a PiSSA/OLoRA/CorDA/LoRA-GA adapter: the initial adapter PEFT saved before training.")
 @click.option("--rank", type=int, help="--to-lora of a DoRA adapter: rank K of each module's LoRA.")
 @click.option("--energy", type=float, help="--to-lora of a DoRA adapter: per module, the smallest rank keeping this fraction of ‖ΔW‖².")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
 @click.pass_context
-def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, to_lora, base, rank, energy, force, as_json) -> None:
+def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, to_lora, base, initial, rank, energy, force,
+            as_json) -> None:
     """Rewrite ADAPTER for another module naming scheme; every role's ΔW stays exactly the same.
 
     GPT-2's fused c_attn is split into q/k/v (rows of B) or joined from them (A stacked, B
@@ -288,21 +291,28 @@ def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, 
 
     With --to-lora, the names stay and every module's scaling (rank/alpha patterns, rsLoRA)
     is folded into its B: a plain LoRA with scaling 1 that serving runtimes read as PEFT does.
-    A DoRA module becomes the best rank-K LoRA of its ΔW on --base (--rank K or --energy T).
+    A DoRA module becomes the best rank-K LoRA of its ΔW on --base (--rank K or --energy T); a
+    PiSSA/OLoRA/CorDA/LoRA-GA adapter, LoRA on the original base with --initial DIR.
     """
     from .api import load_adapter, save_adapter
     from .ops.convert import convert_adapter
 
     source_adapter = load_adapter(adapter)
-    if not to_lora and (base or rank is not None or energy is not None):
-        raise click.UsageError("--base, --rank and --energy go with --to-lora")
+    if not to_lora and (base or initial or rank is not None or energy is not None):
+        raise click.UsageError("--base, --initial, --rank and --energy go with --to-lora")
     if to_lora:
         given = [f"--{p.replace('source', 'from').replace('target', 'to').replace('head', 'prefix').replace('_', '-')}"
                  for p in ("source", "target", "head", "drop_unmapped", "base_model")
                  if ctx.get_parameter_source(p) is click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"--to-lora keeps the module names; it does not combine with {', '.join(given)}")
-        _convert_to_lora(source_adapter, adapter, out, base, rank, energy, force, as_json)
+        sources = [source_adapter]
+        if initial:
+            from .ops.initial import relative_to_initial
+
+            sources.append(load_adapter(initial))
+            source_adapter = relative_to_initial(source_adapter, sources[-1])
+        _convert_to_lora(source_adapter, sources, adapter, out, base, rank, energy, force, as_json)
         return
     converted, report = convert_adapter(
         source_adapter, to=target, source=source, head=head, drop_unmapped=drop_unmapped, base_model=base_model
@@ -319,7 +329,7 @@ def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, 
             click.echo(f"dropped (no counterpart): {', '.join(report.dropped)}")
 
 
-def _convert_to_lora(source_adapter, adapter, out, base, rank, energy, force, as_json) -> None:
+def _convert_to_lora(source_adapter, sources, adapter, out, base, rank, energy, force, as_json) -> None:
     from .api import save_adapter
     from .ops.to_lora import to_plain_lora
 
@@ -330,7 +340,7 @@ def _convert_to_lora(source_adapter, adapter, out, base, rank, energy, force, as
 
         checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
     plain, report = to_plain_lora(source_adapter, checkpoint, rank=rank, energy=energy)
-    save_adapter(plain, out, force=force, sources=[source_adapter])
+    save_adapter(plain, out, force=force, sources=sources)
     if as_json:
         _print_json({"adapter": adapter, "out": out, "modules": report.modules, "rescaled": report.rescaled,
                      "dora": [m.__dict__ for m in report.dora]})

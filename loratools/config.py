@@ -282,8 +282,10 @@ _VARIANT_FIELDS = (
 )
 # Merged exactly: DoRA (renormalised), KaSA (B·diag(d)·A on the SVD-truncated base), MiCA (plain LoRA).
 MERGEABLE_VARIANTS = frozenset({"dora", "kasa", "mica"})
-# init_lora_weights values whose adapter is relative to a base PEFT rewrote at initialisation.
-BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
+# init_lora_weights values whose adapter is relative to a base PEFT rewrote at initialisation;
+# all but LoftQ (which quantizes the base) convert back given the initial adapter (--initial).
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
 
 
 def lora_variants(raw: dict[str, Any]) -> tuple[str, ...]:
@@ -311,14 +313,19 @@ def variant_refusals(raw: dict[str, Any], merging: bool) -> list[str]:
     return reasons
 
 
-def refusals(raw: dict[str, Any], merging: bool) -> list[str]:
+def refusals(raw: dict[str, Any], merging: bool, convertible_init: bool = True) -> list[str]:
     """variant_refusals, plus config features that make the adapter relative to another base than
-    the one in the checkpoint; empty when an output can be exact."""
+    the one in the checkpoint; empty when an output can be exact. convertible_init=False leaves
+    out PiSSA/OLoRA/CorDA/LoRA-GA inits (validate reports those as a warning)."""
     reasons = variant_refusals(raw, merging)
     init = raw.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
+    if isinstance(init, str) and init.lower().startswith(CONVERTIBLE_INITS) and not convertible_init:
+        pass
+    elif isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
+        fix = ("give --initial DIR (the adapter PEFT saved before training) to merge or convert it"
+               if init.lower().startswith(CONVERTIBLE_INITS) else "merge it into the base it was trained on")
         reasons.append(f"init_lora_weights={init!r}: the adapter is relative to a base PEFT rewrote at initialisation, not "
-                       "to the original base; save it converted to plain LoRA (PEFT's path_initial_model_for_weight_conversion)")
+                       f"to the original base; {fix}")
     if raw.get("layer_replication"):
         reasons.append("layer_replication: PEFT duplicates base layers before applying this adapter; merging it into "
                        "the base's own layers would give a different model")

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from ..adapter import PREFIX, Adapter
 from ..arch import ARCHITECTURES, Layout
-from ..config import CONFIG_NAME, AdapterConfig, config_problems, pattern_value, refusals
+from ..config import CONFIG_NAME, CONVERTIBLE_INITS, AdapterConfig, config_problems, pattern_value, refusals
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.json_text import parse_json
@@ -147,9 +147,14 @@ def _check_config_fields(raw: dict, add) -> AdapterConfig | None:
     targets = raw.get("target_modules")
     if targets in ([], "") and not raw.get("target_parameters"):
         add("config-target-modules", ERROR, "target_modules is empty: PEFT would adapt nothing; list the modules trained")
-    for reason in refusals(raw, merging=True):
+    for reason in refusals(raw, merging=True, convertible_init=False):
         # An error, not a warning: validate passing must mean the adapter merges.
         add("unsupported", ERROR, f"loads in PEFT, but loratools merge refuses it: {reason}")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(CONVERTIBLE_INITS):
+        add("needs-initial", WARNING, f"init_lora_weights={init!r}: trained on a base PEFT rewrote at initialisation "
+            "(W − s·B0·A0); on the original base it needs its initial adapter: merge/convert with --initial DIR, "
+            "or serve it only with the rewritten base")
     for key in sorted(set(raw) - KNOWN_CONFIG_KEYS):
         add("config-unknown-key", WARNING, f"unknown config key {key!r} (a typo, or a newer PEFT?); PEFT may reject it")
     return None if problems else AdapterConfig.from_dict(raw)
