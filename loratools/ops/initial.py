@@ -41,7 +41,6 @@ def relative_to_initial(adapter: Adapter, initial: Adapter) -> Adapter:
     ranks: dict[str, tuple[int, float]] = {}
     use_rslora = adapter.config.use_rslora
     for path, module in adapter.modules.items():
-        start = initial.modules[path]
         if module.magnitude_key or module.lora_bias_key or module.diag_key:
             raise UnsupportedError(f"module {path}: DoRA, lora_bias or KaSA with a {init} init: PEFT's conversion "
                                    "does not cover it either")
