@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from loratools.ops.extract import _low_rank
+from loratools.ops.extract import low_rank_factors
 from tests.conftest import assert_clean_error, run_cli
 from tests.peft_ref import outputs, peft_model
 from tests.test_merge import merged_tensors
@@ -129,9 +129,9 @@ def test_randomized_svd_finds_the_best_approximation():
     d = (u * (1.0 / torch.arange(1, m + 1) ** 0.5)) @ v.T
     total = float(torch.linalg.norm(d)) ** 2
     for k in (4, 16, 64):
-        a, b, kept, method = _low_rank(d, total, k, None, 256, False, torch.Generator().manual_seed(0))
+        a, b, kept, method = low_rank_factors(d, total, k, None, 256, False, torch.Generator().manual_seed(0))
         assert method == "randomized" and a.shape == (k, n) and b.shape == (m, k)
-        best_a, best_b, _, _ = _low_rank(d, total, k, None, 256, True, None)
+        best_a, best_b, _, _ = low_rank_factors(d, total, k, None, 256, True, None)
         best = torch.linalg.norm(d - best_b @ best_a)
         assert torch.linalg.norm(d - b @ a) <= best * 1.02
         assert kept == pytest.approx(1 - float(torch.linalg.norm(d - b @ a)) ** 2 / float(torch.linalg.norm(d)) ** 2, abs=1e-5)
