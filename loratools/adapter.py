@@ -109,6 +109,8 @@ class Adapter:
         self.source = source  # what the user named (a path or repo id), for messages and reports
         self.weights_path = weights_path  # the weights file it was read from, if any
         self.derived_from: tuple[Adapter, ...] = ()  # the adapters an in-memory one was computed from
+        self.origin = "LORA"  # the peft_type read ("ADALORA": read as its equivalent LoRA, formats/adalora.py)
+        self.pruned: list[str] = []  # AdaLoRA modules pruned to rank 0 (ΔW = 0, left out)
         self.modules: dict[str, LoraModule] = {}
         self.extras: list[Extra] = []
         self.trainable_tokens: list[TrainableTokens] = []

@@ -133,7 +133,7 @@ def export(
     force: bool = False,
 ) -> dict:
     """Write `out` (.gguf): the adapter as a GGUF LoRA adapter for llama.cpp; returns the report
-    (the `export --json` schema). base_arch: "llama", "mistral" or "qwen2" (default: the
+    (the `export --json` schema). base_arch: a key of arch.gguf.GGUF_ARCHS (default: the
     adapter's, or the base's model_type). base: a directory, config.json or Hub id whose
     config.json gives the head counts (needed to reorder q/k rows for llama.cpp) and tying."""
     from .errors import UsageError

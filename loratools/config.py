@@ -333,6 +333,11 @@ def refusals(raw: dict[str, Any], merging: bool, convertible_init: bool = True) 
 
 
 def read_config(path: str | os.PathLike) -> AdapterConfig:
+    return AdapterConfig.from_dict(read_raw_config(path))
+
+
+def read_raw_config(path: str | os.PathLike) -> Any:
+    """adapter_config.json parsed (not yet checked)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as fh:
@@ -342,10 +347,9 @@ def read_config(path: str | os.PathLike) -> AdapterConfig:
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory") from None
     try:
-        raw = parse_json(data)
+        return parse_json(data)
     except ValueError as exc:
         raise ConfigError(f"{CONFIG_NAME}: not valid JSON ({exc})", code="config-json") from None
-    return AdapterConfig.from_dict(raw)
 
 
 def config_json(raw: dict[str, Any]) -> str:

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Iterable
 
 from ..adapter import Adapter
-from ..config import CONFIG_NAME, config_json, read_config
+from ..config import CONFIG_NAME, AdapterConfig, config_json, read_raw_config
 from ..errors import FormatError, InputNotFoundError
+from .adalora import PEFT_TYPE, adalora_problems, as_lora, is_adalora
 from .atomic import atomic_dir, default_mode, refuse_overlap
-from .tensors import SafetensorsStore, TensorStore, load_pickled_tensors
+from .tensors import MemoryStore, SafetensorsStore, TensorStore, load_pickled_tensors
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -38,10 +39,31 @@ def open_tensors(weights: Path) -> TensorStore:
 
 
 def read_adapter(path: str | os.PathLike) -> Adapter:
-    """Open a local adapter: reads the config and the safetensors header; tensors load on demand."""
+    """Open a local adapter: reads the config and the safetensors header; tensors load on demand.
+    An AdaLoRA adapter is read as the plain LoRA it equals (formats/adalora.py)."""
     config_path, weights = adapter_files(path)
-    config = read_config(config_path)
+    raw = read_raw_config(config_path)
+    if is_adalora(raw):
+        return read_adalora(raw, open_tensors(weights), source=str(path), weights_path=str(weights))
+    config = AdapterConfig.from_dict(raw)
     return Adapter(config, open_tensors(weights), source=str(path), weights_path=str(weights))
+
+
+def read_adalora(raw: dict, store: TensorStore, source: str, weights_path: str | None = None, collect_problems: bool = False) -> Adapter:
+    problems = adalora_problems(raw, store)
+    if problems and not collect_problems:
+        raise problems[0]
+    if problems:  # validate: report them, as findings of an adapter of no modules
+        adapter = Adapter(AdapterConfig.from_dict({"peft_type": "LORA", "r": 1, "target_modules": []}), MemoryStore({}),
+                          source=source, weights_path=weights_path, collect_problems=True)
+        adapter.problems.extend((None, p) for p in problems)
+    else:
+        lora, tensors, pruned = as_lora(raw, store)
+        adapter = Adapter(AdapterConfig.from_dict(lora), MemoryStore(tensors), source=source, weights_path=weights_path,
+                          collect_problems=collect_problems)
+        adapter.pruned = pruned
+    adapter.origin = PEFT_TYPE
+    return adapter
 
 
 def write_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:

@@ -50,7 +50,8 @@ def adapter_info(adapter: Adapter) -> dict[str, Any]:
         "family_known": det.family_known,  # False: only module names were seen, shared by several families
         "naming": det.scheme,
         "head": det.head,
-        "peft_type": cfg.raw.get("peft_type"),
+        "peft_type": adapter.origin,  # ADALORA: described as the plain LoRA it equals (A⊙E, per-module scaling)
+        "pruned_modules": list(adapter.pruned),  # AdaLoRA modules pruned to rank 0
         "base_model_name_or_path": cfg.base_model_name_or_path,
         "r": cfg.r,
         "lora_alpha": cfg.lora_alpha,

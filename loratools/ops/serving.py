@@ -31,6 +31,10 @@ Add = Callable[..., None]  # add(code, severity, message, module=None)
 
 def check_target(adapter: Adapter, target: str, add: Add, error: str, warning: str) -> None:
     """Add a finding for every rule of `target` the adapter breaks."""
+    if adapter.origin != "LORA":  # both read peft_type LORA files only (lora_A.weight, lora_B.weight)
+        add(f"{'vllm' if target == 'vllm' else 'llamacpp'}-peft-type", error,
+            f"{target} reads LoRA adapters only, this is {adapter.origin}: loratools convert ADAPTER OUT --to-lora writes "
+            "the equivalent plain LoRA")
     (_vllm if target == "vllm" else _llama_cpp)(adapter, add, error, warning)
 
 

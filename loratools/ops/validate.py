@@ -19,7 +19,8 @@ from ..config import CONFIG_NAME, CONVERTIBLE_INITS, AdapterConfig, config_probl
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.json_text import parse_json
-from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME
+from ..formats.adalora import is_adalora
+from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME, read_adalora
 from ..formats.tensors import SafetensorsStore, TensorStore, load_pickled_tensors, raw_values
 
 ERROR, WARNING = "error", "warning"
@@ -78,11 +79,13 @@ def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None, ta
     store = _open_weights(root, add)
     if raw is None or store is None:
         return Result(str(adapter_path), findings)
-    config = _check_config_fields(raw, add)
-    if config is None:
-        return Result(str(adapter_path), findings)
-
-    adapter = Adapter(config, store, source=str(adapter_path), collect_problems=True)
+    if is_adalora(raw):  # checked as its own format, then as the plain LoRA it equals
+        adapter = read_adalora(raw, store, source=str(adapter_path), collect_problems=True)
+    else:
+        config = _check_config_fields(raw, add)
+        if config is None:
+            return Result(str(adapter_path), findings)
+        adapter = Adapter(config, store, source=str(adapter_path), collect_problems=True)
     for module, problem in adapter.problems:
         add(problem.code, ERROR, str(problem), module)
     _check_keys(adapter, add)
