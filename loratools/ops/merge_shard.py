@@ -7,8 +7,9 @@ background thread writes while the next block is computed (see StreamingSafetens
 Plain LoRA on CPU is merged with numpy (merge_numpy.py); torch is imported only for what needs
 it (merge_torch.py: DoRA, KaSA, replaced rows, lora_bias, other dtypes, a GPU).
 
-A quantized weight (formats/quantized.py) is dequantized to float32 (dequant.py) and merged
-from there; its scales and code maps are not written. With `keep_quantized` (FP8), a changed
+A quantized weight (formats/quantized.py) is dequantized (dequant.py: bnb into its quant
+state's dtype, bit for bit as bitsandbytes does; FP8 into float32) and merged from there; its
+scales and code maps are not written. With `keep_quantized` (FP8), a changed
 weight is quantized again and written with its new scales; unchanged ones are copied as stored.
 """
 
@@ -136,7 +137,8 @@ def _requantized_by(plan: MergePlan) -> dict[str, str]:
     out = {}
     for name in plan.ops:
         if name in plan.base.quantized:
-            out.update({part: name for part in plan.base.quantized[name].parts.values()}, **{name: name})
+            out.update({part: name for part in plan.base.quantized[name].parts.values()})
+            out[name] = name
     return out
 
 
