@@ -77,7 +77,7 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
             return
         if module.magnitude_key is not None:
             magnitude = adapter.tensor(module.magnitude_key).to(device=dev, dtype=torch.float32)
-            out.store(_dora(_working_copy(base, dev), a, b, s, magnitude, module.layout))
+            out.store(dora_weight(_working_copy(base, dev), a, b, s, magnitude, module.layout))
             return
         # Conv1D (in, out) and Embedding (num, dim) hold ΔW transposed: (B@A).T = A.T @ B.T
         low_rank.append((b, a, s) if module.layout is Layout.LINEAR else (a.T.contiguous(), b.T.contiguous(), s))
@@ -121,7 +121,7 @@ def _kasa(w: torch.Tensor, a: torch.Tensor, b_diag: torch.Tensor, s: float) -> t
     return truncated.addmm_(b_diag, a, alpha=s)
 
 
-def _dora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, magnitude: torch.Tensor, layout: Layout) -> torch.Tensor:
+def dora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, magnitude: torch.Tensor, layout: Layout) -> torch.Tensor:
     """W' = m / ‖W + ΔW‖_row · (W + ΔW), the norm taken per output row of the (out, in) view."""
     view = w if layout is Layout.LINEAR else w.T
     view = view.addmm(b, a, alpha=s)

@@ -29,7 +29,7 @@ from ..formats.checkpoint import Checkpoint
 from .basemap import BaseNameMapper, adapter_for_base
 from .dequant import read_float32
 from .extract import DEFAULT_MAX_RANK, SEED, low_rank_factors
-from .merge_torch import _dora
+from .merge_torch import dora_weight
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _dora_to_lora(adapter: Adapter, module: LoraModule, base: Checkpoint, mapper
         raise UsageError(f"module {module.path}: base {name} is {list(w.shape)}, the adapter needs {list(module.weight_shape)}")
     a, b = (t.to(torch.float32) for t in adapter.factors(module.path))
     magnitude = adapter.tensor(module.magnitude_key).to(torch.float32)
-    merged = _dora(w.clone(), a, b, module.scaling, magnitude, module.layout)
+    merged = dora_weight(w.clone(), a, b, module.scaling, magnitude, module.layout)
     delta = merged - w
     d = delta if module.layout is Layout.LINEAR else delta.T  # LoRA orientation (out, in)
     total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
