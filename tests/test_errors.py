@@ -311,10 +311,10 @@ def test_one_crashing_adapter_does_not_empty_the_report(tmp_path, monkeypatch):
 
     real = validate_mod.validate
 
-    def flaky(path, base=None):
+    def flaky(path, base=None, target=None):
         if "second" in str(path):
             raise RuntimeError("boom")
-        return real(path, base)
+        return real(path, base, target)
 
     monkeypatch.setattr(validate_mod, "validate", flaky)
     paths = [copy_adapter(tmp_path / name) for name in ("first", "second", "third")]

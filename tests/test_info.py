@@ -15,7 +15,7 @@ TOP_LEVEL_KEYS = {
     "r", "lora_alpha", "scaling", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "bias", "rank_pattern",
     "alpha_pattern", "target_modules", "roles", "num_modules", "trainable_parameters", "total_parameters", "dtypes",
     "file", "modules", "extras", "unknown_keys", "family_known", "naming", "trainable_tokens", "variants", "refusals",
-    "variant_keys",
+    "variant_keys", "pruned_modules",
 }
 MODULE_KEYS = {"name", "role", "layer", "layout", "weight_shape", "rank", "alpha", "scaling", "dora", "lora_bias", "kasa"}
 
