@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import assert_clean_error, run_cli
 
-gguf = pytest.importorskip("gguf")
 
 
 def _tiny(family: str, tie: bool = False):
@@ -138,3 +138,39 @@ def test_modules_to_save_cannot_be_exported(tmp_path):
     adapter, base, _ = _adapter(tmp_path, "qwen2", target_modules=["v_proj"], modules_to_save=["lm_head"], rank_pattern={},
                                 alpha_pattern={})
     assert_clean_error(run_cli("export", adapter, tmp_path / "x.gguf", "--base", base), "modules_to_save", "merge it")
+
+
+def test_llama_cpp_applies_the_exported_adapter_as_peft_does(tmp_path):
+    """End to end in llama.cpp itself (llama-cpp-python): a tiny LLaMA written as GGUF, the
+    exported adapter loaded beside it, logits compared with PEFT's model."""
+    import llama_cpp
+    from peft import LoraConfig, get_peft_model
+
+    from tests.llama_gguf import write_llama_gguf
+    from tests.quantized_models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama").float()
+    model.save_pretrained(tmp_path / "base")
+    write_llama_gguf(model, tmp_path / "base.gguf")
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False, rank_pattern={"down_proj": 2},
+                        alpha_pattern={"k_proj": 3}, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                     "up_proj", "down_proj", "embed_tokens", "lm_head"])
+    peft_model = get_peft_model(model, config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = [5, 9, 33, 2, 7, 11, 64, 100]
+    with torch.no_grad():
+        expected = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        with peft_model.disable_adapter():
+            base_logits = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert run_cli("export", tmp_path / "adapter", tmp_path / "adapter.gguf", "--base", tmp_path / "base").returncode == 0
+
+    def run(**lora):
+        llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1, **lora)
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+
+    plain, adapted = run(), run(lora_path=str(tmp_path / "adapter.gguf"))
+    assert np.abs(plain - base_logits).max() < 1e-3  # the GGUF base is the same model
+    assert np.abs(expected - base_logits).max() > 1.0  # the adapter changes the logits a lot ...
+    assert np.abs(adapted - expected).max() < 2e-3  # ... and llama.cpp applies exactly PEFT's change

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import bitsandbytes.functional as bnb_functional
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,6 @@ from tests.quantized_models import (
     save_fp8,
 )
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
