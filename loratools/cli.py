@@ -301,9 +301,9 @@ def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, 
     if not to_lora and (base or initial or rank is not None or energy is not None):
         raise click.UsageError("--base, --initial, --rank and --energy go with --to-lora")
     if to_lora:
-        given = [f"--{p.replace('source', 'from').replace('target', 'to').replace('head', 'prefix').replace('_', '-')}"
-                 for p in ("source", "target", "head", "drop_unmapped", "base_model")
-                 if ctx.get_parameter_source(p) is click.core.ParameterSource.COMMANDLINE]
+        renaming = {"source": "--from", "target": "--to", "head": "--prefix", "drop_unmapped": "--drop-unmapped",
+                    "base_model": "--base-model"}
+        given = [flag for param, flag in renaming.items() if ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"--to-lora keeps the module names; it does not combine with {', '.join(given)}")
         sources = [source_adapter]
