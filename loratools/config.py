@@ -319,11 +319,11 @@ def refusals(raw: dict[str, Any], merging: bool, convertible_init: bool = True) 
     out PiSSA/OLoRA/CorDA/LoRA-GA inits (validate reports those as a warning)."""
     reasons = variant_refusals(raw, merging)
     init = raw.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(CONVERTIBLE_INITS) and not convertible_init:
-        pass
-    elif isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
+    name = init.lower() if isinstance(init, str) else ""
+    convertible = name.startswith(CONVERTIBLE_INITS)
+    if name.startswith(BASE_MODIFYING_INITS) and (convertible_init or not convertible):
         fix = ("give --initial DIR (the adapter PEFT saved before training) to merge or convert it"
-               if init.lower().startswith(CONVERTIBLE_INITS) else "merge it into the base it was trained on")
+               if convertible else "merge it into the base it was trained on")
         reasons.append(f"init_lora_weights={init!r}: the adapter is relative to a base PEFT rewrote at initialisation, not "
                        f"to the original base; {fix}")
     if raw.get("layer_replication"):
