@@ -1,4 +1,4 @@
-"""Quantized weights to float32 and back, with numpy (no torch, no GPU).
+"""Quantized weights to their values (bnb: in its quant state's dtype; FP8: float32) and back, with numpy.
 
 bitsandbytes 4-bit: the value of element i is quant_map[code_i] * absmax[i // blocksize], codes
 packed two per byte, high nibble first, over the flattened weight. With double quant, absmax is
