@@ -12,6 +12,7 @@ from ..errors import ConfigError, FormatError, InputNotFoundError
 from .json_text import parse_json
 from .quantized import QuantizedWeight, companions, find_quantized
 from .safetensors_header import Header, TensorInfo, read_header
+from .tensors import SafetensorsStore
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -45,6 +46,11 @@ class Checkpoint:
 
     def file(self, shard: str) -> Path:
         return self.path if self.is_file else self.path / shard
+
+    def store(self, name: str) -> SafetensorsStore:
+        """The shard holding tensor `name`, for reading it (plain reads, no torch needed)."""
+        shard = self.weight_map[name]
+        return SafetensorsStore(self.file(shard), self.shards[shard])
 
     def describe_quantization(self) -> str | None:
         """E.g. "nf4, double quant, blocksize 64" (several kinds joined by "; "), or None."""

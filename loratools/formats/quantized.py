@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from ..errors import FormatError, UnsupportedError
 from .json_text import parse_json
 from .safetensors_header import Header, TensorInfo
+from .tensors import SafetensorsStore
 
 BNB_STATE = ".quant_state.bitsandbytes__"
 BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -91,7 +92,7 @@ def _bnb_weight(state_name: str, info: TensorInfo, headers, weight_map, path_of)
         raise UnsupportedError(f"{where}: quant type {suffix!r}; loratools reads nf4 and fp4", code="quant-state")
     if info.dtype != "U8" or not 0 < info.end - info.start <= MAX_STATE_BYTES:
         raise FormatError(f"{state_name}: expected a small U8 tensor of JSON", code="quant-state")
-    state = _read_state(state_name, headers[weight_map[state_name]], info, path_of(weight_map[state_name]))
+    state = _read_state(state_name, headers[weight_map[state_name]], path_of(weight_map[state_name]))
     quant_type, blocksize, dtype, shape = (state.get(k) for k in ("quant_type", "blocksize", "dtype", "shape"))
     if quant_type != suffix:
         raise FormatError(f"{where}: quant state says {quant_type!r} but is saved as {suffix}", code="quant-state")
@@ -146,11 +147,8 @@ def _finite_number(value) -> bool:
         return False
 
 
-def _read_state(state_name: str, header: Header, info: TensorInfo, path: str | os.PathLike) -> dict:
-    header.check_unchanged()
-    with open(path, "rb", buffering=0) as fh:
-        fh.seek(header.data_start + info.start)
-        raw = fh.read(info.end - info.start)
+def _read_state(state_name: str, header: Header, path: str | os.PathLike) -> dict:
+    raw = SafetensorsStore(path, header).raw(state_name).tobytes()
     try:
         state = parse_json(raw)
     except ValueError as exc:

@@ -18,25 +18,18 @@ import numpy as np
 
 from ..formats.checkpoint import Checkpoint
 from ..formats.quantized import QuantizedWeight
-from ..formats.tensors import SafetensorsStore
 
 E4M3_MAX = 448.0
 
 
 def read_parts(checkpoint: Checkpoint, weight: QuantizedWeight) -> dict[str, np.ndarray]:
     """The small tensors a quantized weight needs beside its codes (scales, code maps)."""
-    out = {}
-    for role, name in weight.parts.items():
-        if role != "state":
-            shard = checkpoint.weight_map[name]
-            out[role] = SafetensorsStore(checkpoint.file(shard), checkpoint.shards[shard]).array(name)
-    return out
+    return {role: checkpoint.store(name).array(name) for role, name in weight.parts.items() if role != "state"}
 
 
 def read_float32(checkpoint: Checkpoint, name: str) -> np.ndarray:
     """Any weight of a checkpoint as float32, dequantized if it is quantized (read whole)."""
-    shard = checkpoint.weight_map[name]
-    store = SafetensorsStore(checkpoint.file(shard), checkpoint.shards[shard])
+    store = checkpoint.store(name)
     weight = checkpoint.quantized.get(name)
     if weight is None:
         return store.array(name).astype(np.float32, copy=False)
