@@ -23,7 +23,7 @@ import torch
 from ..adapter import PREFIX, Adapter
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
-from .lowrank import balanced_factors, factored_svd
+from .lowrank import balanced_factors, check_rank_or_energy, factored_svd
 from .svd import energy_rank
 
 EXACT = ("cat", "svd")
@@ -111,12 +111,7 @@ def _check_inputs(adapters, method, weights, rank, energy, density, majority_sig
         adapter.require_supported("combine")
     if (rank is not None or energy is not None) and method != "svd":
         raise UsageError("--rank and --energy apply to --method svd only")
-    if rank is not None and energy is not None:
-        raise UsageError("give --rank or --energy, not both")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    check_rank_or_energy(rank, energy, required=False)
     needs_density = method in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
     if needs_density and density is None:
         raise UsageError(f"--method {method} needs --density D (the fraction of values kept, in [0, 1])")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -29,6 +28,7 @@ from ..errors import ShapeError, UnsupportedError, UsageError
 from ..formats.checkpoint import Checkpoint
 from ..formats.safetensors_header import FLOAT_DTYPES
 from ..formats.tensors import SafetensorsStore
+from .lowrank import check_rank_or_energy
 from .merge import resolve_device
 from .merge_plan import DTYPE_CODES
 
@@ -103,12 +103,7 @@ def extract_adapter(
     names (q_proj...) to extract; None: every changed Linear/Conv1D module. `embeddings`:
     a changed token embedding becomes LoRA ("lora"), is stored whole ("save", modules_to_save) or
     is left out and reported ("skip")."""
-    if (rank is None) == (energy is None):
-        raise UsageError("give exactly one of --rank K or --energy T")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    check_rank_or_energy(rank, energy)
     if max_rank < 1:
         raise UsageError(f"--max-rank must be at least 1, got {max_rank}")
     if embeddings not in EMBEDDING_MODES:
@@ -247,7 +242,7 @@ class _Stores:
     """Tensors of both checkpoints, read with plain reads, one at a time."""
 
     def __init__(self, base: Checkpoint, finetuned: Checkpoint):
-        self._stores = {id(c): {s: SafetensorsStore(_shard_path(c, s), h) for s, h in c.shards.items()} for c in (base, finetuned)}
+        self._stores = {id(c): {s: SafetensorsStore(c.file(s), h) for s, h in c.shards.items()} for c in (base, finetuned)}
         self.base, self.finetuned = base, finetuned
 
     def _store(self, checkpoint: Checkpoint, name: str) -> SafetensorsStore:
@@ -266,10 +261,6 @@ class _Stores:
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes (so NaN equals NaN and -0 differs from 0, as in the file)."""
     return t.reshape(-1).view(torch.uint8)
-
-
-def _shard_path(checkpoint: Checkpoint, shard: str) -> Path:
-    return checkpoint.path if checkpoint.is_file else checkpoint.path / shard
 
 
 def _file_order(checkpoint: Checkpoint) -> list[str]:

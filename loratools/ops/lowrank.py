@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UsageError
+
 # numpy rather than torch: `loratools svd` then runs without importing torch (about a second of
 # start-up), and float64 linear algebra is as fast through numpy's BLAS.
 
@@ -65,3 +67,16 @@ def padded(values, length: int) -> list[float]:
     ones being zero when out or in is smaller than r)."""
     out = [float(x) for x in values[:length]]
     return out + [0.0] * (length - len(out))
+
+
+def check_rank_or_energy(rank: int | None, energy: float | None, required: bool = True) -> None:
+    """--rank K / --energy T as every rank-choosing command takes them: one of the two (at most
+    one when not `required`), K at least 1, T in (0, 1]."""
+    if rank is not None and energy is not None:
+        raise UsageError("give exactly one of --rank K or --energy T" if required else "give --rank or --energy, not both")
+    if required and rank is None and energy is None:
+        raise UsageError("give exactly one of --rank K or --energy T")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")

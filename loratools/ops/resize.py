@@ -10,8 +10,7 @@ import torch
 
 from ..adapter import Adapter
 from ..config import with_module_ranks
-from ..errors import UsageError
-from .lowrank import balanced_factors, factored_svd
+from .lowrank import balanced_factors, check_rank_or_energy, factored_svd
 from .svd import energy_rank
 
 
@@ -31,13 +30,8 @@ def resize_adapter(adapter: Adapter, rank: int | None = None, energy: float | No
     (alpha = k, or √k under rsLoRA), its (rank, alpha) pinned by an exact pattern; the DoRA
     magnitude, lora_B.bias and extra tensors are kept as they are.
     """
-    if (rank is None) == (energy is None):
-        raise UsageError("give exactly one of --rank K or --energy T")
+    check_rank_or_energy(rank, energy)
     adapter.require_supported("resize")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise UsageError(f"--energy must be in (0, 1], got {energy}")
     use_rslora = adapter.config.use_rslora
     tensors = adapter.state_dict()
     ranks: dict[str, tuple[int, float]] = {}

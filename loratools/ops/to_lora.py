@@ -29,6 +29,7 @@ from ..formats.checkpoint import Checkpoint
 from .basemap import BaseNameMapper, adapter_for_base
 from .dequant import read_float32
 from .extract import DEFAULT_MAX_RANK, SEED, low_rank_factors
+from .lowrank import check_rank_or_energy
 from .merge_torch import dora_weight
 
 
@@ -54,12 +55,10 @@ def to_plain_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | 
     if doras and base is None:
         raise UsageError(f"module {doras[0]} is DoRA: its ΔW depends on the base weight; give --base BASE "
                          "and --rank K or --energy T")
-    if doras and (rank is None) == (energy is None):
-        raise UsageError("DoRA to LoRA: give exactly one of --rank K or --energy T")
     if not doras and (rank is not None or energy is not None or base is not None):
         raise UsageError("--base, --rank and --energy are for DoRA adapters (plain LoRA converts exactly without them)")
-    if rank is not None and rank < 1 or energy is not None and not 0 < energy <= 1:
-        raise UsageError(f"--rank must be at least 1 and --energy in (0, 1]; got {rank if rank is not None else energy}")
+    if doras:
+        check_rank_or_energy(rank, energy)
     for path, module in adapter.modules.items():
         if module.diag_key or (module.magnitude_key and module.lora_bias_key):
             what = "KaSA" if module.diag_key else "DoRA with lora_bias"
