@@ -31,6 +31,7 @@ from ..arch.gguf import gguf_arch
 from ..errors import ShapeError, UnsupportedError, UsageError
 from ..formats.atomic import atomic_file, refuse_overlap
 
+
 @dataclass
 class ExportReport:
     adapter: str
@@ -45,6 +46,7 @@ class ExportReport:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
 
 def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None = None, base_config: dict | None = None,
                 force: bool = False) -> ExportReport:
@@ -92,24 +94,35 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None 
         writer.close()
     return report
 
-def _refuse_unservable(adapter: Adapter) -> None:
-    """What a GGUF LoRA cannot carry: llama.cpp applies plain B·A only."""
-    adapter.require_supported("export", merging=True)
+
+def gguf_blockers(adapter: Adapter) -> list[tuple[str | None, str]]:
+    """(module path or None, reason) for everything a GGUF LoRA cannot carry: llama.cpp applies
+    plain B·A only (export refuses the first; validate --target llama.cpp reports each)."""
+    found: list[tuple[str | None, str]] = []
     # PEFT saves the base's embeddings beside LoRA on them (save_embedding_layers); llama.cpp takes
     # them from the model, as its own converter does. Anything else replaces base tensors.
     replacing = [e for e in adapter.extras if e.kind != "full_embedding"]
     if replacing or adapter.trainable_tokens:
         kinds = sorted({e.kind for e in replacing} | ({"trainable tokens"} if adapter.trainable_tokens else set()))
-        raise UnsupportedError(f"the adapter replaces base tensors ({', '.join(kinds)}); a GGUF LoRA adapter cannot "
-                               "carry them: merge it into the base instead (loratools merge)", code="export-unsupported")
+        found.append((None, f"the adapter replaces base tensors ({', '.join(kinds)}); a GGUF LoRA adapter cannot "
+                            "carry them: merge it into the base instead (loratools merge)"))
     for path, module in adapter.modules.items():
         kind = ("DoRA" if module.magnitude_key else "lora_bias" if module.lora_bias_key else "KaSA" if module.diag_key
                 else "a Conv1D module" if module.layout is Layout.CONV1D else None)
         if kind:
-            raise UnsupportedError(f"module {path}: {kind} has no GGUF LoRA form (llama.cpp applies plain B·A); "
-                                   "merge it into the base instead", code="export-unsupported")
+            found.append((path, f"module {path}: {kind} has no GGUF LoRA form (llama.cpp applies plain B·A); "
+                                "merge it into the base instead"))
+    return found
+
+
+def _refuse_unservable(adapter: Adapter) -> None:
+    adapter.require_supported("export", merging=True)
+    blockers = gguf_blockers(adapter)
+    if blockers:
+        raise UnsupportedError(blockers[0][1], code="export-unsupported")
     if not adapter.modules:
         raise ShapeError("the adapter has no LoRA modules: nothing to export")
+
 
 def _fold_scaling(module: LoraModule, b: np.ndarray, alpha: float, report: ExportReport) -> np.ndarray:
     """B' with llama.cpp's alpha / r times B'·A equal to PEFT's s·B·A."""
@@ -118,6 +131,7 @@ def _fold_scaling(module: LoraModule, b: np.ndarray, alpha: float, report: Expor
         return b
     report.rescaled.append(module.path)
     return b * np.float32(factor)
+
 
 def _heads(role: Role, config: dict | None, path: str) -> int:
     """Heads whose rotary halves are interleaved: attention heads for q, key/value heads for k."""
@@ -129,6 +143,7 @@ def _heads(role: Role, config: dict | None, path: str) -> int:
         heads = config.get("num_key_value_heads") or heads
     return heads
 
+
 def _rope_rows(b: np.ndarray, heads: int) -> np.ndarray:
     """Rows of each head reordered from HF's (first half, second half) to interleaved pairs:
     row (h, half, i) moves to (h, i, half), as llama.cpp's converter does to q/k weights."""
@@ -136,6 +151,7 @@ def _rope_rows(b: np.ndarray, heads: int) -> np.ndarray:
     if rows % (2 * heads):
         raise ShapeError(f"a q/k projection with {rows} rows cannot be split into {heads} heads of rotary pairs")
     return b.reshape(heads, 2, rows // heads // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
+
 
 def _block_count(adapter: Adapter) -> int:
     return 1 + max((m.layer for m in adapter.modules.values() if m.layer is not None), default=0)

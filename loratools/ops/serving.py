@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import Callable
 
 from ..adapter import Adapter
-from ..arch import Layout, Role
+from ..arch import Role
 from ..arch.gguf import GGUF_ARCHS
+from .export_gguf import gguf_blockers
 
 TARGETS = ("vllm", "llama.cpp")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -78,16 +79,8 @@ def _vllm(adapter: Adapter, add: Add, error: str, warning: str) -> None:
 
 def _llama_cpp(adapter: Adapter, add: Add, error: str, warning: str) -> None:
     cfg = adapter.config
-    for path, module in adapter.modules.items():
-        kind = ("DoRA" if module.magnitude_key else "lora_bias" if module.lora_bias_key else "KaSA" if module.diag_key
-                else "a Conv1D module" if module.layout is Layout.CONV1D else None)
-        if kind:
-            add("llamacpp-unsupported", error, f"module {path}: {kind}: llama.cpp applies plain B·A only; merge the adapter and convert "
-                "the merged model instead", path)
-    replacing = sorted({e.kind for e in adapter.extras if e.kind != "full_embedding"})
-    if replacing or adapter.trainable_tokens:
-        kinds = replacing + (["trainable tokens"] if adapter.trainable_tokens else [])
-        add("llamacpp-unsupported", error, f"{', '.join(kinds)} replace base tensors, which a GGUF LoRA cannot carry; merge instead")
+    for path, reason in gguf_blockers(adapter):
+        add("llamacpp-unsupported", error, reason, path)
     rescaled = [p for p, m in adapter.modules.items() if m.scaling * m.rank != cfg.lora_alpha]
     if rescaled:
         add("llamacpp-scaling", warning,
