@@ -69,8 +69,9 @@ def rewrite_bnb_blocksize(base4: Path, blocksize: int) -> Path:
             out[weight] = packed
             for key, value in new.as_dict(packed=True).items():
                 out[f"{weight}.{key}"] = value
+    weights = _bnb_weights(tensors)
     for name, tensor in tensors.items():
-        if not any(name == w or name.startswith(w + ".") for w in _bnb_weights(tensors)):
+        if not any(name == w or name.startswith(w + ".") for w in weights):
             out[name] = tensor
     save_file(out, str(base4 / "model.safetensors"), metadata={"format": "pt"})
     return base4
