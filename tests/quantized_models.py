@@ -4,6 +4,7 @@ saves it, and block-scaled FP8 as DeepSeek/Qwen3-FP8 checkpoints store it."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -55,30 +56,82 @@ def rewrite_bnb_blocksize(base4: Path, blocksize: int) -> Path:
     import bitsandbytes.functional as F
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(base4 / "model.safetensors"))
-    out = {}
-    for name, tensor in tensors.items():
-        if ".quant_state." in name:
-            weight = name.split(".quant_state.")[0]
-            state = json.loads(bytes(tensor.tolist()))
-            parts = {k: tensors[f"{weight}.{k}"] for k in ("absmax", "quant_map", "nested_absmax", "nested_quant_map") if f"{weight}.{k}" in tensors}
-            qs = F.QuantState.from_dict({**parts, name.partition(weight + ".")[2]: tensor}, torch.device("cpu"))
-            values = F.dequantize_4bit(tensors[weight], qs)
-            packed, new = F.quantize_4bit(values, blocksize=blocksize, quant_type=state["quant_type"],
-                                          compress_statistics="nested_absmax" in parts)
-            out[weight] = packed
-            for key, value in new.as_dict(packed=True).items():
-                out[f"{weight}.{key}"] = value
-    weights = _bnb_weights(tensors)
-    for name, tensor in tensors.items():
-        if not any(name == w or name.startswith(w + ".") for w in weights):
-            out[name] = tensor
+    quantized, out = split_bnb4(load_file(str(base4 / "model.safetensors")))
+    for weight, (packed, state) in quantized.items():
+        values = reference_dequantize_4bit(packed, state)
+        packed, new = F.quantize_4bit(values, blocksize=blocksize, quant_type=state.quant_type, compress_statistics=state.nested)
+        out[weight] = packed
+        for key, value in new.as_dict(packed=True).items():
+            out[f"{weight}.{key}"] = value
     save_file(out, str(base4 / "model.safetensors"), metadata={"format": "pt"})
     return base4
 
 
 def _bnb_weights(tensors) -> set[str]:
     return {n.split(".quant_state.")[0] for n in tensors if ".quant_state." in n}
+
+
+def split_bnb4(tensors: dict[str, torch.Tensor]):
+    """A checkpoint's tensors as ({4-bit weight: (its packed codes, the QuantState bitsandbytes
+    reads for it)}, {every other tensor}): the scales, code maps and quant states go into the states."""
+    import bitsandbytes.functional as F
+
+    weights = _bnb_weights(tensors)
+    def state(w):
+        parts = {n.removeprefix(w + "."): t for n, t in tensors.items() if n.startswith(w + ".")}
+        return F.QuantState.from_dict(parts, torch.device("cpu"))
+
+    quantized = {w: (tensors[w], state(w)) for w in weights}
+    rest = {n: t for n, t in tensors.items() if not any(n == w or n.startswith(w + ".") for w in weights)}
+    return quantized, rest
+
+
+def reference_dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight by the format's definition, with no bitsandbytes kernel:
+    element i of the flattened weight is quant_map[code_i] * absmax[i // blocksize] in float32
+    (codes two per byte, high nibble first); with double quant absmax_j is first
+    nested_quant_map[absmax_j] * nested_absmax[j // nested_blocksize] + offset (float32); the
+    product is rounded to the quant state's dtype. `state`: a bitsandbytes QuantState.
+
+    The reference of every QLoRA test: on AVX-512 CPUs bitsandbytes' native CPU dequantize_4bit
+    indexes the scales per row (csrc/cpu_ops.cpp), wrong when a row is not whole blocks, and a
+    4-bit model on the CPU computes with that kernel."""
+    count = math.prod(state.shape)
+    data = packed.contiguous().view(torch.uint8).reshape(-1)
+    codes = torch.stack([data >> 4, data & 0x0F], dim=1).reshape(-1)[:count].long()
+    absmax = state.absmax.reshape(-1)
+    if state.nested:
+        nested = state.state2
+        scale = nested.absmax.float()[torch.arange(absmax.numel()) // nested.blocksize]
+        absmax = nested.code.float()[absmax.long()] * scale + state.offset.float()
+    values = state.code.float()[codes] * absmax.float()[torch.arange(count) // state.blocksize]
+    return values.to(state.dtype).reshape(state.shape)
+
+
+def reference_dequantized_checkpoint(base4: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A bitsandbytes 4-bit checkpoint (all its shards) as the plain model it holds: (every 4-bit
+    weight by `reference_dequantize_4bit`, every other tensor as stored)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(base4.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    quantized, rest = split_bnb4(tensors)
+    return {w: reference_dequantize_4bit(packed, state) for w, (packed, state) in quantized.items()}, rest
+
+
+def load_reference_model(base4: Path, dtype: torch.dtype = torch.bfloat16):
+    """The model a 4-bit checkpoint holds as a plain transformers model, with no bitsandbytes
+    kernel in it: every 4-bit Linear an nn.Linear of `reference_dequantize_4bit` of its saved
+    codes (in the quant state's dtype, then cast to `dtype`, exactly)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(base4))
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    weights, rest = reference_dequantized_checkpoint(base4)
+    model.load_state_dict({**rest, **weights}, strict=True)
+    return model.to(dtype).eval()
 
 
 def save_fp8(base16: Path, out: Path, block: list[int] | None = None) -> Path:
