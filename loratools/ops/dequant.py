@@ -5,8 +5,10 @@ packed two per byte, high nibble first, over the flattened weight. With double q
 itself nested_quant_map[absmax_i] * nested_absmax[i // nested_blocksize] + nested_offset. Each
 product is a float32, which bitsandbytes then rounds to its quant state's dtype: that rounded
 value is the weight the 4-bit model computes with, so it is what `dequantize_bnb` returns
-(bf16 as its bits). Checked bit for bit against
-`bitsandbytes.functional.dequantize_4bit` in the tests.
+(bf16 as its bits). Checked bit for bit in the tests against that definition, written out in
+torch, and against bitsandbytes' generic PyTorch dequantization; not against its native CPU
+kernel, which on AVX-512 CPUs takes the wrong block's absmax when a row is not a whole number
+of blocks (a test records that).
 
 FP8 e4m3 with block scales: value = e4m3(code) * scale_inv[row // block_rows, col // block_cols],
 in float32 (as DeepSeek's and transformers' reference dequantization compute it).
@@ -44,7 +46,7 @@ def dequantize(weight: QuantizedWeight, stored: np.ndarray, parts: dict[str, np.
         return dequantize_fp8(stored, parts["scale_inv"], weight.shape, weight.block)
     code = parts["quant_map"].reshape(-1).astype(np.float32)
     if weight.scheme == "fp4" and code[8] == 0:
-        code[8] = -0.0  # fp4's code 8 is sign bit + zero: bitsandbytes' kernels give -0.0 there
+        code[8] = -0.0  # fp4's code 8 is sign bit + zero: bitsandbytes' scalar CPU kernel gives -0.0 there
     return dequantize_bnb(stored, bnb_absmax(weight, parts), code, weight.block[0], weight.shape, weight.dtype)
 
 
