@@ -13,6 +13,7 @@ from ..arch import Layout, Role
 from ..errors import FormatError, ShapeError, UnsupportedError, UsageError
 from ..formats.checkpoint import Checkpoint
 from .basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
+from .initial import check_on_base
 
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -51,6 +52,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
     if not math.isfinite(scale):
         raise UsageError(f"--scale must be a finite number, got {scale}")
     adapter.require_supported("merge", merging=True)
+    check_on_base(base, adapter)  # --initial: the initial adapter's values against the base weights
     adapter = _adapter_for(base, adapter)
     if scale != 1.0:
         for module in adapter.modules.values():

@@ -29,6 +29,7 @@ from ..formats.checkpoint import Checkpoint
 from .basemap import BaseNameMapper, adapter_for_base
 from .dequant import read_float32
 from .extract import DEFAULT_MAX_RANK, SEED, low_rank_factors
+from .initial import check_on_base
 from .lowrank import check_rank_or_energy
 from .merge_torch import dora_weight
 
@@ -51,6 +52,8 @@ class ToLoraReport:
 def to_plain_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | None = None, energy: float | None = None,
                   max_rank: int = DEFAULT_MAX_RANK) -> tuple[Adapter, ToLoraReport]:
     adapter.require_supported("convert")
+    if base is not None and check_on_base(base, adapter):
+        base = None  # --initial: the base was for checking the initial adapter; the conversion does not use it
     doras = [p for p, m in adapter.modules.items() if m.magnitude_key]
     if doras and base is None:
         raise UsageError(f"module {doras[0]} is DoRA: its ΔW depends on the base weight; give --base BASE "
