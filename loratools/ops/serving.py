@@ -1,91 +1,283 @@
-"""`validate --target vllm|llama.cpp`: what each serving runtime does with an adapter that PEFT
-loads, as findings with a fix. The rules, from the runtimes' own loaders:
+"""`validate --target RUNTIME[@VERSION]`: what a serving runtime does with an adapter PEFT loads.
 
-vLLM (vllm/lora/peft_helper.py): reads r, lora_alpha, use_rslora, use_dora, bias,
-modules_to_save and target_modules from adapter_config.json — nothing else. It refuses DoRA and
-modules_to_save, refuses a rank above the server's --max-lora-rank (one of 1, 8, 16, 32, 64,
-128, 256, 320, 512; default 16) and bias ≠ "none" unless bias support is enabled, and scales every
-module by lora_alpha/r (or /√r): rank_pattern and alpha_pattern are ignored, so a module with its
-own scaling is served with the wrong one, silently. Tensors it has no slot for (lora_bias,
-KaSA's lora_diag, trainable tokens) are rejected as unexpected modules.
+The rules are data: one table per runtime in loratools/runtimes/ (vllm.py, sglang.py,
+llama_cpp.py), each rule with the releases it holds for and the runtime source it was read from.
+This module evaluates them: a rule names one of the CHECKS below, which returns the parts of the
+adapter the rule is about, each with the fields the rule's message is formatted with.
 
-llama.cpp (convert_lora_to_gguf.py, llama-adapter): applies plain B·A scaled by alpha/r, with r
-read per tensor and one alpha per file: rank_pattern is honoured, alpha_pattern and rsLoRA are
-not (its converter writes the config's lora_alpha). Its converter stops on tensors other than
-lora_A/lora_B (DoRA magnitudes, lora_bias, modules_to_save, trainable tokens).
+check_target() also returns what serving the adapter needs (its rank as the runtime counts it and
+its module names); serving_set() turns those of several adapters into the server options that
+serve them together (`validate --target vllm A B C`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Any, Callable, Iterable
 
-from ..adapter import Adapter
+from ..adapter import Adapter, LoraModule
 from ..arch import Role
 from ..arch.gguf import GGUF_ARCHS
+from ..config import BASE_MODIFYING_INITS, scaling
+from ..runtimes import RankLimit, Target, resolve
 from .export_gguf import gguf_blockers
 
-TARGETS = ("vllm", "llama.cpp")
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
 Add = Callable[..., None]  # add(code, severity, message, module=None)
+Hit = tuple[str | None, dict[str, Any]]  # (the module concerned, the message's fields)
 
 
-def check_target(adapter: Adapter, target: str, add: Add, error: str, warning: str) -> None:
-    """Add a finding for every rule of `target` the adapter breaks."""
-    if adapter.origin != "LORA":  # both read peft_type LORA files only (lora_A.weight, lora_B.weight)
-        add(f"{'vllm' if target == 'vllm' else 'llamacpp'}-peft-type", error,
-            f"{target} reads LoRA adapters only, this is {adapter.origin}: loratools convert ADAPTER OUT --to-lora writes "
-            "the equivalent plain LoRA")
-    (_vllm if target == "vllm" else _llama_cpp)(adapter, add, error, warning)
+def check_target(adapter: Adapter, target: str, add: Add, error: str, warning: str) -> dict[str, Any] | None:
+    """Add a finding for every rule of `target` the adapter breaks; return what serving it needs
+    ({"target", "rank", "modules"}), or None for a runtime without such server options."""
+    chosen = resolve(target)
+    for rule in chosen.rules:
+        for module, fields in CHECKS[rule.check](adapter, rule.param):
+            fix = rule.fix.format(**fields)
+            add(rule.code, error if rule.severity == "error" else warning,
+                f"{chosen.label} {rule.does.format(**fields)}" + (f"; {fix}" if fix else ""), module)
+    limit = _rank_limit(chosen)
+    if limit is None:
+        return None
+    return {"target": chosen.name, "rank": _rank(adapter, limit.counts), "modules": sorted(_leaves(adapter))}
 
 
-def _vllm(adapter: Adapter, add: Add, error: str, warning: str) -> None:
+def serving_set(needs: Iterable[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The server options serving these adapters together needs (each adapter's check_target
+    result; None for one that could not be read); None when there is nothing to say."""
+    known = [n for n in needs if n]
+    if not known:
+        return None
+    chosen = resolve(known[0]["target"])
+    rank = max(n["rank"] for n in known)
+    modules = sorted({m for n in known for m in n["modules"]})
+    limit = _rank_limit(chosen)
+    value = rank if limit.values is None else next((v for v in limit.values if v >= rank), None)
+    options = []
+    for option in chosen.options:
+        if option.needs == "rank" and value is not None:
+            options.append(f"{option.flag} {value}")
+        elif option.needs == "modules" and modules:
+            options.append(f"{option.flag} {' '.join(modules)}")
+    return {"target": chosen.name, "adapters": len(known), "rank": rank, "max_lora_rank": value,
+            "target_modules": modules, "options": options}
+
+
+def render_serving(serving: dict[str, Any]) -> str:
+    """One line for the text report."""
+    needs = (" ".join(serving["options"]) if serving["max_lora_rank"] is not None
+             else f"rank {serving['rank']} is above every --max-lora-rank it accepts")
+    return f"serving the {serving['adapters']} adapter(s) together on {serving['target']}: {needs}"
+
+
+def _rank_limit(chosen: Target) -> RankLimit | None:
+    return next((o.param for o in chosen.options if o.needs == "rank"), None)
+
+
+def _rank(adapter: Adapter, counts: str) -> int:
+    """The adapter's rank as a runtime counts it against its --max-lora-rank."""
     cfg = adapter.config
-    dora = [p for p, m in adapter.modules.items() if m.magnitude_key]
-    if cfg.use_dora or dora:
-        add("vllm-dora", error, "vLLM refuses DoRA adapters; merge it into the base (loratools merge) and serve the merged model")
-    to_save = [e.target for e in adapter.extras if e.kind == "modules_to_save"]
-    if cfg.modules_to_save or to_save:
-        add("vllm-modules-to-save", error, f"vLLM refuses modules_to_save ({', '.join(cfg.modules_to_save or to_save)}): "
-            "merge the adapter (loratools merge), or retrain without modules_to_save")
-    rank = max((m.rank for m in adapter.modules.values()), default=0)
-    if rank > VLLM_RANKS[-1]:
-        add("vllm-rank", error, f"rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]}): "
-            "reduce it (loratools resize --rank 512) or merge")
-    elif rank > 16:
-        need = next(r for r in VLLM_RANKS if r >= rank)
-        add("vllm-rank", warning, f"rank {rank}: start vLLM with --max-lora-rank {need} or more (its default, 16, refuses this adapter)")
-    if cfg.bias != "none":
-        add("vllm-bias", warning, f"bias={cfg.bias!r}: vLLM refuses it unless LoRA bias support is enabled "
-            "(--enable-lora-bias, in the versions that have it); merge for an exact model")
-    for path, module in adapter.modules.items():
-        if module.lora_bias_key or module.diag_key:
-            what = "lora_bias (lora_B.bias)" if module.lora_bias_key else "KaSA (lora_diag)"
-            add("vllm-tensor", error, f"module {path}: {what}: vLLM has no slot for it and rejects the adapter; merge it", path)
-    if adapter.trainable_tokens:
-        add("vllm-tensor", error, "trainable_token_indices: vLLM rejects trainable_tokens_delta; merge it")
-    wrong = [p for p, m in adapter.modules.items() if not m.magnitude_key and m.scaling != cfg.default_scaling]
-    if wrong:
-        add("vllm-scaling", error,
-            f"{len(wrong)} module(s) have their own scaling (rank_pattern/alpha_pattern), which vLLM ignores: it scales every "
-            f"module by {cfg.default_scaling:g}, so e.g. {wrong[0]} would be served at {cfg.default_scaling:g} instead of "
-            f"{adapter.modules[wrong[0]].scaling:g}; run loratools convert ADAPTER OUT --to-lora (folds each scaling into B)",
-            wrong[0])
+    extra = {"r": [], "r+modules": [m.rank for m in adapter.modules.values()], "r+rank_pattern": list(cfg.rank_pattern.values())}
+    return max([cfg.r, *extra[counts]])
+
+
+def _leaves(adapter: Adapter) -> set[str]:
+    return {path.rsplit(".", 1)[-1] for path in adapter.modules}
+
+
+# ---- the checks: (adapter, rule.param) -> hits -----------------------------------------------
+
+
+def _first(hits: list[tuple[str, LoraModule]], **fields: Any) -> list[Hit]:
+    """One finding for many modules: the count and the first as the example."""
+    if not hits:
+        return []
+    path, module = hits[0]
+    return [(path, {"n": len(hits), "module": path, **fields})]
+
+
+def _peft_type(adapter: Adapter, _: Any) -> list[Hit]:
+    return [(None, {"peft_type": adapter.origin})] if adapter.origin != "LORA" else []
+
+
+def _dora(adapter: Adapter, _: Any) -> list[Hit]:
+    dora = adapter.config.use_dora or any(m.magnitude_key for m in adapter.modules.values())
+    return [(None, {})] if dora else []
+
+
+def _saved_modules(adapter: Adapter) -> list[str]:
+    return list(dict.fromkeys(e.target.rsplit(".", 1)[0] for e in adapter.extras if e.kind == "modules_to_save"))
+
+
+def _modules_to_save(adapter: Adapter, accepted: tuple[str, ...] | None) -> list[Hit]:
+    accepted = accepted or ()
+    named = [n for n in adapter.config.modules_to_save if n not in accepted]
+    saved = [m for m in _saved_modules(adapter) if m.rsplit(".", 1)[-1] not in accepted and m not in named]
+    refused = named + saved
+    return [(saved[0] if saved else None, {"modules": ", ".join(refused)})] if refused else []
+
+
+def _saved_modules_count(adapter: Adapter, most: int) -> list[Hit]:
+    saved = _saved_modules(adapter)
+    return [(None, {"n": len(saved), "modules": ", ".join(saved)})] if len(saved) > most else []
+
+
+def _bias(adapter: Adapter, _: Any) -> list[Hit]:
+    return [(None, {"bias": adapter.config.bias})] if adapter.config.bias != "none" else []
+
+
+def _lora_bias(adapter: Adapter, which: str | None) -> list[Hit]:
+    keep = {None: lambda s: True, "scaling 1": lambda s: s == 1, "scaled": lambda s: s != 1}[which]
+    hits = [(p, m) for p, m in adapter.modules.items() if m.lora_bias_key and keep(m.scaling)]
+    return _first(hits, scaling=hits[0][1].scaling if hits else 1)
+
+
+# Tensor names a runtime's parser takes for LoRA factors (a refused variant may store its own under them).
+_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+
+
+def _tensors(adapter: Adapter, kinds: tuple[str, ...]) -> list[Hit]:
+    found = {
+        "lora_diag": ("KaSA's lora_diag", [(p, m.diag_key) for p, m in adapter.modules.items() if m.diag_key]),
+        "trainable tokens": ("trainable_tokens_delta", [(t.path, t.key) for t in adapter.trainable_tokens]),
+        "variant": ("LoRA-variant tensors", [(None, k) for k in adapter.variant_keys if not k.endswith(_FACTOR_SUFFIXES)]),
+    }
+    hits = []
+    for kind in kinds:
+        what, keys = found[kind]
+        if keys:
+            hits.append((keys[0][0], {"what": what, "n": len(keys), "key": keys[0][1]}))
+    return hits
+
+
+def _saved_embedding(adapter: Adapter, _: Any) -> list[Hit]:
+    saved = [e for e in adapter.extras if e.kind == "full_embedding"]
+    return [(saved[0].target, {"key": ", ".join(e.key for e in saved)})] if saved else []
+
+
+def _init(adapter: Adapter) -> str:
+    init = adapter.config.raw.get("init_lora_weights")
+    return init if isinstance(init, str) else ""
+
+
+def _init_unread(adapter: Adapter, _: Any) -> list[Hit]:
+    init = _init(adapter)
+    return [(None, {"init": init})] if init.lower().startswith(BASE_MODIFYING_INITS) else []
+
+
+def _init_refused(adapter: Adapter, accepted: tuple[str, ...]) -> list[Hit]:
+    init = _init(adapter)
+    return [(None, {"init": init})] if init and init.lower() not in accepted else []
+
+
+def _features(adapter: Adapter, features: tuple[tuple[str, str], ...]) -> list[Hit]:
+    return [(None, {"key": key, "feature": what}) for key, what in features if adapter.config.raw.get(key)]
+
+
+def _own_scaling(adapter: Adapter, how: str) -> list[Hit]:
+    """Modules PEFT scales otherwise than the runtime does. how: "r, rsLoRA" (the config's
+    lora_alpha over r, or over √r with rsLoRA), "r" (lora_alpha / r always), "tensor rank"
+    (lora_alpha over each module's own rank)."""
+    cfg = adapter.config
+    served = {
+        "r, rsLoRA": lambda m: cfg.default_scaling,
+        "r": lambda m: cfg.lora_alpha / cfg.r,
+        "tensor rank": lambda m: scaling(cfg.lora_alpha, m.rank, False),
+    }[how]
+    wrong = [(p, m) for p, m in adapter.modules.items() if not m.magnitude_key and not math.isclose(m.scaling, served(m))]
+    return _first(wrong, served=served(wrong[0][1]) if wrong else 0, own=wrong[0][1].scaling if wrong else 0)
+
+
+def _mixed_ranks(adapter: Adapter, _: Any) -> list[Hit]:
+    other = [(p, m) for p, m in adapter.modules.items() if m.rank != adapter.config.r]
+    return _first(other, r=adapter.config.r, rank=other[0][1].rank if other else 0)
+
+
+def _rank_fields(adapter: Adapter, limit: RankLimit) -> dict[str, Any]:
+    rank = _rank(adapter, limit.counts)
+    counted = "r" if rank == adapter.config.r else {"r+modules": "a module's rank", "r+rank_pattern": "from rank_pattern"}[limit.counts]
+    return {"rank": rank, "counted": counted, "default": limit.default, "max": limit.values[-1]}
+
+
+def _rank_over_default(adapter: Adapter, limit: RankLimit) -> list[Hit]:
+    fields = _rank_fields(adapter, limit)
+    if not limit.default < fields["rank"] <= fields["max"]:
+        return []
+    return [(None, {**fields, "flag": next(v for v in limit.values if v >= fields["rank"])})]
+
+
+def _rank_over_max(adapter: Adapter, limit: RankLimit) -> list[Hit]:
+    fields = _rank_fields(adapter, limit)
+    return [(None, fields)] if fields["rank"] > fields["max"] else []
+
+
+def _embedding(adapter: Adapter, _: Any) -> list[Hit]:
     embeds = [p for p, m in adapter.modules.items() if m.role in (Role.TOKEN_EMBED, Role.LM_HEAD)]
-    if embeds:
-        add("vllm-embedding", warning, f"LoRA on {', '.join(embeds)}: vLLM applies embedding/lm_head LoRA only for models "
-            "that declare them; check your model's support, or merge", embeds[0])
+    return [(embeds[0], {"modules": ", ".join(embeds)})] if embeds else []
 
 
-def _llama_cpp(adapter: Adapter, add: Add, error: str, warning: str) -> None:
-    cfg = adapter.config
-    for path, reason in gguf_blockers(adapter):
-        add("llamacpp-unsupported", error, reason, path)
-    rescaled = [p for p, m in adapter.modules.items() if m.scaling * m.rank != cfg.lora_alpha]
-    if rescaled:
-        add("llamacpp-scaling", warning,
-            f"{len(rescaled)} module(s) are scaled other than lora_alpha/r (rsLoRA or alpha_pattern), which llama.cpp's own "
-            "converter drops (one alpha per file); loratools export ADAPTER OUT.gguf folds each scaling in exactly", rescaled[0])
-    if adapter.architecture is not None and adapter.architecture not in GGUF_ARCHS:
-        add("llamacpp-arch", warning, f"loratools export writes GGUF for {', '.join(GGUF_ARCHS)}, not "
-            f"{adapter.architecture}; llama.cpp's convert_lora_to_gguf.py may know it")
+def _unknown_modules(adapter: Adapter, names: tuple[dict[str, str], frozenset[str]]) -> list[Hit]:
+    normalized, known = names
+    unknown: dict[str, str] = {}
+    for path in adapter.modules:
+        parts = path.split(".")
+        name = ".".join(parts[-2:]) if len(parts) > 1 and parts[-2] == "indexer" else parts[-1]
+        if normalized.get(name, name) not in known:
+            unknown.setdefault(name, path)
+    if not unknown:
+        return []
+    return [(next(iter(unknown.values())), {"modules": ", ".join(sorted(unknown)), "known": ", ".join(sorted(known))})]
+
+
+def _target_modules_string(adapter: Adapter, accepted: tuple[str, ...]) -> list[Hit]:
+    value = adapter.config.target_modules
+    return [(None, {"value": value})] if isinstance(value, str) and value not in accepted else []
+
+
+def _stacked(adapter: Adapter, groups: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]) -> list[Hit]:
+    layers: dict[str, set[str]] = {}
+    for path in adapter.modules:
+        parent, _, name = path.rpartition(".")
+        layers.setdefault(parent, set()).add(name)
+    hits = []
+    for slot, parts, needed in groups:
+        short = [(parent, names) for parent, names in layers.items() if names & set(parts) and not set(needed) <= names]
+        if short:
+            parent, names = short[0]
+            hits.append((parent, {"slot": slot, "parts": "/".join(parts), "needed": " and ".join(needed), "n": len(short),
+                                  "module": parent, "present": ", ".join(sorted(names & set(parts))),
+                                  "missing": ", ".join(n for n in needed if n not in names)}))
+    return hits
+
+
+def _gguf_blockers(adapter: Adapter, _: Any) -> list[Hit]:
+    return [(path, {"reason": reason}) for path, reason in gguf_blockers(adapter)]
+
+
+def _gguf_arch(adapter: Adapter, _: Any) -> list[Hit]:
+    arch = adapter.architecture
+    return [(None, {"archs": ", ".join(GGUF_ARCHS), "arch": arch})] if arch is not None and arch not in GGUF_ARCHS else []
+
+
+CHECKS: dict[str, Callable[[Adapter, Any], list[Hit]]] = {
+    "peft_type": _peft_type,
+    "dora": _dora,
+    "modules_to_save": _modules_to_save,
+    "saved_modules": _saved_modules_count,
+    "bias": _bias,
+    "lora_bias": _lora_bias,
+    "tensors": _tensors,
+    "saved_embedding": _saved_embedding,
+    "init_unread": _init_unread,
+    "init_refused": _init_refused,
+    "features": _features,
+    "own_scaling": _own_scaling,
+    "mixed_ranks": _mixed_ranks,
+    "rank_over_default": _rank_over_default,
+    "rank_over_max": _rank_over_max,
+    "embedding": _embedding,
+    "unknown_modules": _unknown_modules,
+    "target_modules_string": _target_modules_string,
+    "stacked": _stacked,
+    "gguf_blockers": _gguf_blockers,
+    "gguf_arch": _gguf_arch,
+}
