@@ -341,8 +341,10 @@ class Adapter:
     def for_model_type(self, model_type: str) -> "Adapter":
         """The same adapter re-read knowing its base's model_type (which decides, for example,
         whether GPT-2-named modules are Conv1D as in GPT-2 or nn.Linear as in StarCoder)."""
-        return Adapter(self.config, self.tensors, source=self.source, weights_path=self.weights_path,
-                       collect_problems=self._collect, model_type=model_type)
+        matched = Adapter(self.config, self.tensors, source=self.source, weights_path=self.weights_path,
+                          collect_problems=self._collect, model_type=model_type)
+        matched.derived_from = self.derived_from  # still made from the same inputs: outputs must not overwrite them
+        return matched
 
     def input_paths(self) -> list[str]:
         """The directory this adapter was read from, and those of the adapters an in-memory one

@@ -189,3 +189,13 @@ def test_initial_of_a_bfloat16_model_merges(tmp_path):
     """PEFT initialised on the float32 base loaded in bfloat16: its factors are bfloat16 values
     (stored as float32) from the bfloat16-rounded W; the tolerances allow for both."""
     assert_merges_as_peft_converts(*train_and_convert(tmp_path, "pissa", dtype=torch.bfloat16), tmp_path / "out")
+
+
+@pytest.mark.parametrize("trained", ["pissa"], indirect=True)
+@pytest.mark.parametrize("inside", ["adapter", "initial"])
+def test_output_inside_an_input_adapter_is_refused(trained, inside):
+    base, adapter, initial, _ = trained
+    out = (adapter if inside == "adapter" else initial) / "merged"
+    assert_clean_error(run_cli("merge", base, adapter, out, "--initial", initial))
+    assert_clean_error(run_cli("convert", adapter, out, "--to-lora", "--initial", initial))
+    assert not out.exists()
