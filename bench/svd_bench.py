@@ -89,7 +89,7 @@ def main() -> None:
             print(f"  loratools / load    {cold_ours_s / cold_load_s:8.2f}x   (cold page cache)")
         print(f"  loratools / read    {ours_s / read_s:8.2f}x")
         print(f"  svd CLI / torch-reading process {cli_s / process_load_s:6.2f}x   (target <= 1.5x)")
-        assert len(report["modules"]) == 224
+        assert len(report.modules) == 224
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The `loratools` command: parse options, call one library function, print the result.
+"""The `loratools` command: parse options, call the command's one library function (api.py), print
+its report — `report.render()`, or `report.to_dict()` with --json — and exit with its verdict.
+The option choices come from the library's tables (ops/choices.py, arch).
 
 Every LoraToolsError becomes `Error: <one line>` on stderr and a non-zero exit; usage errors
 exit 2 (click's convention). `--debug` re-raises so the traceback shows. torch is never imported
@@ -13,7 +15,10 @@ import sys
 
 import click
 
+from .arch import CONVERT_SCHEMES
+from .arch.gguf import GGUF_ARCHS
 from .errors import LoraToolsError
+from .ops.choices import COMBINE_METHODS, DTYPES, EMBEDDING_MODES, MAJORITY_SIGNS, TARGETS
 
 
 class _Terminated(KeyboardInterrupt):
@@ -73,6 +78,22 @@ def main(debug: bool) -> None:
     """
 
 
+def _emit(report, as_json: bool, quiet: bool = False) -> None:
+    """Print a command's report (its JSON, or its text and stderr notices) and exit with its verdict."""
+    if as_json:
+        _print_json(report.to_dict())
+    elif not quiet:
+        click.echo(report.render())
+        for line in report.notices():
+            click.echo(line, err=True)
+    if report.exit_code:
+        sys.exit(report.exit_code)
+
+
+def _one_of(names) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 @main.command()
 @click.argument("adapter")
 @click.option("--base", help="Also describe this base checkpoint (quantization, from headers).")
@@ -84,27 +105,9 @@ def info(adapter: str, base: str | None, compare_base: str | None, as_json: bool
     Reads only the config and the safetensors header; no tensor is loaded (--compare-base
     reads the base weights the adapter changes, one at a time).
     """
-    from .api import load_adapter
-    from .ops.info import adapter_info, render_info
+    from .api import info as run_info
 
-    if compare_base and not base:
-        raise click.UsageError("--compare-base needs --base (the quantized base it is compared with)")
-    loaded = load_adapter(adapter)
-    report = adapter_info(loaded)
-    text = [render_info(report)]
-    if base:
-        from .formats.checkpoint import open_checkpoint
-        from .hub import BASE_IGNORE_PATTERNS, resolve
-        from .ops.base_report import base_summary, compare_bases, render_base, render_compare
-
-        checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
-        report["base"] = base_summary(checkpoint)
-        text.append(render_base(report["base"]))
-        if compare_base:
-            reference = open_checkpoint(resolve(compare_base, ignore_patterns=BASE_IGNORE_PATTERNS))
-            report["base"]["compare"] = compare_bases(loaded, checkpoint, reference)
-            text.append(render_compare(report["base"]["compare"]))
-    _print_json(report) if as_json else click.echo("\n".join(text))
+    _emit(run_info(adapter, base=base, compare_base=compare_base), as_json)
 
 
 @main.command()
@@ -113,7 +116,7 @@ def info(adapter: str, base: str | None, compare_base: str | None, as_json: bool
 @click.argument("out", type=click.Path())
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply every ΔW (-1 undoes an earlier merge).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+@click.option("--dtype", type=click.Choice(DTYPES),
               help="Output dtype of float tensors [default: keep each; bfloat16 for a quantized base].")
 @click.option("--keep-quantized", is_flag=True, help="FP8 base: write changed weights re-quantized (new block scales), not dequantized.")
 @click.option("--initial", help="PiSSA/OLoRA/CorDA/LoRA-GA adapter: the initial adapter PEFT saved before training.")
@@ -135,18 +138,7 @@ def merge(base, adapter, out, device, scale, dtype, keep_quantized, initial, wor
     with _progress_bar(enabled=not quiet and not as_json, label="merging") as progress:
         report = run_merge(base, adapter, out, device=device, scale=scale, dtype=dtype, force=force, progress=progress,
                            workers=workers, keep_quantized=keep_quantized, initial=initial)
-    if as_json:
-        _print_json(report.to_dict())
-    elif not quiet:
-        click.echo(
-            f"merged into {report.out}: {report.tensors_changed} tensors changed, {report.tensors_replaced} replaced, "
-            f"{report.tensors} in {report.shards} shard(s); {report.bytes_written:,} bytes in {report.seconds:.2f} s on {report.device}"
-        )
-        if report.base_quantization:
-            how = "changed weights re-quantized" if report.keep_quantized else "dequantized"
-            click.echo(f"quantized base ({report.base_quantization}): {how}")
-        if report.skipped_files:
-            click.echo(f"not copied (weights in other formats): {', '.join(report.skipped_files)}", err=True)
+    _emit(report, as_json, quiet)
 
 
 @main.command()
@@ -157,10 +149,10 @@ def merge(base, adapter, out, device, scale, dtype, keep_quantized, initial, wor
 @click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖² (0-1].")
 @click.option("--max-rank", default=256, show_default=True, help="With --energy: the largest rank a module may get.")
 @click.option("--modules", help="Comma-separated roles (attn_q, ffn_down...) or leaf names (q_proj...) [default: every changed Linear].")
-@click.option("--embeddings", type=click.Choice(["lora", "save", "skip"]), default="lora", show_default=True,
+@click.option("--embeddings", type=click.Choice(EMBEDDING_MODES), default=EMBEDDING_MODES[0], show_default=True,
               help="A changed token embedding: LoRA, stored whole (modules_to_save) or left out (reported).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Factor dtype [default: the weights' own].")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Factor dtype [default: the weights' own].")
 @click.option("--exact", is_flag=True, help="Full SVD of every module instead of the randomized one (slower, same result up to round-off).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report (schema in the README).")
@@ -172,18 +164,23 @@ def extract(base, finetuned, out, rank, energy, max_rank, modules, embeddings, d
     the relative error per module, and every changed tensor the adapter cannot carry.
     """
     from .api import extract as run_extract
-    from .ops.extract import render_extract
 
     chosen = [m.strip() for m in modules.split(",") if m.strip()] if modules else None
-    report = run_extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank, modules=chosen,
-                         embeddings=embeddings, device=device, dtype=dtype, exact=exact, force=force)
-    _print_json(report) if as_json else click.echo(render_extract(report))
+    _emit(run_extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank, modules=chosen,
+                      embeddings=embeddings, device=device, dtype=dtype, exact=exact, force=force), as_json)
+
+
+def _check_thresholds(ctx, param, value):
+    for t in value:
+        if not 0 < t <= 1:
+            raise click.BadParameter(f"{t} is not in (0, 1]", param_hint="--threshold")
+    return value
 
 
 @main.command()
 @click.argument("adapter")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
-@click.option("--threshold", "thresholds", type=float, multiple=True, metavar="T",
+@click.option("--threshold", "thresholds", type=float, multiple=True, metavar="T", callback=_check_thresholds,
               help="Energy level for the energy rank (repeatable) [default: 0.9 and 0.99].")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw normalised spectra per role to this PNG (needs matplotlib).")
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
@@ -192,16 +189,10 @@ def svd(adapter, as_json, thresholds, plot, force) -> None:
 
     Singular values come from QR of the factors and an r×r SVD: exact, and ΔW is never formed.
     """
-    from .api import load_adapter
-    from .ops.svd import DEFAULT_THRESHOLDS, plot_spectra, render_svd, svd_report
+    from .api import svd as run_svd
+    from .ops.svd import DEFAULT_THRESHOLDS
 
-    for t in thresholds:
-        if not 0 < t <= 1:
-            raise click.BadParameter(f"{t} is not in (0, 1]", param_hint="--threshold")
-    report = svd_report(load_adapter(adapter), thresholds or DEFAULT_THRESHOLDS)
-    if plot:
-        plot_spectra(report, plot, force=force)
-    _print_json(report) if as_json else click.echo(render_svd(report))
+    _emit(run_svd(adapter, thresholds or DEFAULT_THRESHOLDS, plot=plot, force=force), as_json)
 
 
 @main.command()
@@ -216,27 +207,15 @@ def resize(adapter, out, rank, energy, force, as_json) -> None:
 
     Written as a PEFT adapter; modules already at or below K are kept exactly.
     """
-    from .api import load_adapter, save_adapter
-    from .ops.resize import resize_adapter, resize_report
+    from .api import resize as run_resize
 
-    source = load_adapter(adapter)
-    resized, modules = resize_adapter(source, rank=rank, energy=energy)
-    save_adapter(resized, out, force=force, sources=[source])
-    report = resize_report(source, out, modules)
-    if as_json:
-        _print_json(report)
-    else:
-        s = report["summary"]
-        click.echo(
-            f"resized into {out}: {s['truncated']} of {s['modules']} modules truncated, LoRA parameters "
-            f"{s['lora_parameters_before']:,} -> {s['lora_parameters_after']:,}, lowest retained energy {s['min_retained_energy']:.4f}"
-        )
+    _emit(run_resize(adapter, out, rank=rank, energy=energy, force=force), as_json)
 
 
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--base", help="Also check against this base checkpoint (headers only).")
-@click.option("--target", type=click.Choice(["vllm", "llama.cpp"]), help="Also check what this serving runtime refuses or serves differently.")
+@click.option("--target", type=click.Choice(TARGETS), help="Also check what this serving runtime refuses or serves differently.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
 @click.option("--strict", is_flag=True, help="Warnings fail too.")
 def validate(adapters, base, target, as_json, strict) -> None:
@@ -245,31 +224,17 @@ def validate(adapters, base, target, as_json, strict) -> None:
     ADAPTERS are adapter directories or files in them (each directory is checked once), so
     pre-commit can pass changed files. Every problem is reported, each with a stable code.
     """
-    from .formats.checkpoint import open_checkpoint
-    from .hub import BASE_IGNORE_PATTERNS, resolve
-    from .ops.validate import render, report, validate_many
+    from .api import validate as run_validate
 
-    checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS)) if base else None
-    results = validate_many(adapters, checkpoint, target)
-    _print_json(report(results, strict, checkpoint)) if as_json else click.echo(render(results, strict, checkpoint))
-    sys.exit(0 if all(r.ok(strict) for r in results) else 1)
-
-
-def _convert_schemes() -> list[str]:
-    from .arch import CONVERT_SCHEMES
-
-    return list(CONVERT_SCHEMES)
-
-
-ARCH_CHOICES = click.Choice(_convert_schemes())
-DEFAULT_TARGET = _convert_schemes()[0]
+    _emit(run_validate(adapters, base=base, target=target, strict=strict), as_json)
 
 
 @main.command()
 @click.argument("adapter")
 @click.argument("out", type=click.Path())
-@click.option("--from", "source", type=ARCH_CHOICES, help="Source naming scheme [default: detected].")
-@click.option("--to", "target", type=ARCH_CHOICES, default=DEFAULT_TARGET, show_default=True, help="Target naming scheme.")
+@click.option("--from", "source", type=click.Choice(CONVERT_SCHEMES), help="Source naming scheme [default: detected].")
+# No click default: the library tells --to given (refused with --to-lora) from --to left out.
+@click.option("--to", "target", type=click.Choice(CONVERT_SCHEMES), help=f"Target naming scheme.  [default: {CONVERT_SCHEMES[0]}]")
 @click.option("--prefix", "head", help="Target head class family, e.g. causal-lm, base, sequence-classification [default: the target's first].")
 @click.option("--drop-unmapped", is_flag=True, help="Drop modules with no counterpart instead of failing.")
 @click.option("--base-model", help="base_model_name_or_path for the new config [default: cleared].")
@@ -280,8 +245,7 @@ DEFAULT_TARGET = _convert_schemes()[0]
 @click.option("--energy", type=float, help="--to-lora of a DoRA adapter: per module, the smallest rank keeping this fraction of ‖ΔW‖².")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
-@click.pass_context
-def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, to_lora, base, initial, rank, energy, force,
+def convert(adapter, out, source, target, head, drop_unmapped, base_model, to_lora, base, initial, rank, energy, force,
             as_json) -> None:
     """Rewrite ADAPTER for another module naming scheme; every role's ΔW stays exactly the same.
 
@@ -294,65 +258,10 @@ def convert(ctx, adapter, out, source, target, head, drop_unmapped, base_model, 
     A DoRA module becomes the best rank-K LoRA of its ΔW on --base (--rank K or --energy T); a
     PiSSA/OLoRA/CorDA/LoRA-GA adapter, LoRA on the original base with --initial DIR.
     """
-    from .api import load_adapter, save_adapter
-    from .ops.convert import convert_adapter
+    from .api import convert as run_convert
 
-    source_adapter = load_adapter(adapter)
-    if not to_lora and (base or initial or rank is not None or energy is not None):
-        raise click.UsageError("--base, --initial, --rank and --energy go with --to-lora")
-    if to_lora:
-        renaming = {"source": "--from", "target": "--to", "head": "--prefix", "drop_unmapped": "--drop-unmapped",
-                    "base_model": "--base-model"}
-        given = [flag for param, flag in renaming.items() if ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise click.UsageError(f"--to-lora keeps the module names; it does not combine with {', '.join(given)}")
-        sources = [source_adapter]
-        if initial:
-            from .ops.initial import relative_to_initial
-
-            sources.append(load_adapter(initial))
-            source_adapter = relative_to_initial(source_adapter, sources[-1])
-        _convert_to_lora(source_adapter, sources, adapter, out, base, rank, energy, force, as_json)
-        return
-    converted, report = convert_adapter(
-        source_adapter, to=target, source=source, head=head, drop_unmapped=drop_unmapped, base_model=base_model
-    )
-    save_adapter(converted, out, force=force, sources=[source_adapter])
-    if as_json:
-        _print_json({"adapter": adapter, "out": out, **report.__dict__})
-    else:
-        click.echo(
-            f"converted {report.source_architecture} -> {report.target_architecture} ({report.head}) into {out}: "
-            f"{len(report.modules)} modules"
-        )
-        if report.dropped:
-            click.echo(f"dropped (no counterpart): {', '.join(report.dropped)}")
-
-
-def _convert_to_lora(source_adapter, sources, adapter, out, base, rank, energy, force, as_json) -> None:
-    from .api import save_adapter
-    from .ops.to_lora import to_plain_lora
-
-    checkpoint = None
-    if base:
-        from .formats.checkpoint import open_checkpoint
-        from .hub import BASE_IGNORE_PATTERNS, resolve
-
-        checkpoint = open_checkpoint(resolve(base, ignore_patterns=BASE_IGNORE_PATTERNS))
-    plain, report = to_plain_lora(source_adapter, checkpoint, rank=rank, energy=energy)
-    save_adapter(plain, out, force=force, sources=sources)
-    if as_json:
-        _print_json({"adapter": adapter, "out": out, "modules": report.modules, "rescaled": report.rescaled,
-                     "dora": [m.__dict__ for m in report.dora]})
-        return
-    click.echo(f"converted to plain LoRA (scaling 1 in every module) into {out}: {report.modules} modules, "
-               f"{len(report.rescaled)} with their scaling folded into B")
-    if report.dora:
-        worst = max(report.dora, key=lambda m: m.relative_error)
-        click.echo(f"{len(report.dora)} DoRA modules as rank-{'/'.join(sorted({str(m.rank) for m in report.dora}))} LoRA; "
-                   f"largest relative error ‖ΔW−ΔW_K‖/‖ΔW‖ {worst.relative_error:.3g} ({worst.name})")
-        for m in report.dora:
-            click.echo(f"  {m.name:<48} rank {m.rank:<5} energy kept {m.retained_energy:.6f}  error {m.relative_error:.3g}")
+    _emit(run_convert(adapter, out, to=target, source=source, head=head, drop_unmapped=drop_unmapped, base_model=base_model,
+                      to_lora=to_lora, base=base, initial=initial, rank=rank, energy=energy, force=force), as_json)
 
 
 def _parse_weights(ctx, param, value):
@@ -367,7 +276,7 @@ def _parse_weights(ctx, param, value):
 @main.command()
 @click.argument("adapter")
 @click.argument("out", type=click.Path())
-@click.option("--base-arch", help="llama.cpp architecture: llama, mistral or qwen2 [default: the adapter's or the base's].")
+@click.option("--base-arch", help=f"llama.cpp architecture: {_one_of(list(GGUF_ARCHS))} [default: the adapter's or the base's].")
 @click.option("--base", help="Base model directory, config.json or Hub repo: only config.json is read (head counts, tied embeddings).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
@@ -379,25 +288,19 @@ def export(adapter, out, base_arch, base, force, as_json) -> None:
     """
     from .api import export as run_export
 
-    report = run_export(adapter, out, base_arch=base_arch, base=base, force=force)
-    if as_json:
-        _print_json(report)
-    else:
-        click.echo(f"exported {report['modules']} modules ({report['tensors']} tensors) to {report['out']}: "
-                   f"architecture {report['architecture']}, alpha {report['alpha']:g}; "
-                   f"{len(report['rescaled'])} with their scaling folded into B, {len(report['permuted'])} q/k reordered for rope")
+    _emit(run_export(adapter, out, base_arch=base_arch, base=base, force=force), as_json)
 
 
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(), help="Output adapter directory.")
-@click.option("--method", type=click.Choice(["cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),
-              default="cat", show_default=True, help="How to combine (see the description above).")
+@click.option("--method", type=click.Choice(COMBINE_METHODS), default=COMBINE_METHODS[0], show_default=True,
+              help="How to combine (see the description above).")
 @click.option("--weights", callback=_parse_weights, help="Comma-separated weights, one per adapter (negative allowed) [default: 1 each].")
 @click.option("--rank", type=int, help="svd: target rank K [default: the largest input rank].")
 @click.option("--energy", type=float, help="svd: smallest rank keeping this fraction of the energy.")
 @click.option("--density", type=float, help="ties, dare_*, magnitude_prune: fraction of values kept.")
-@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True, help="ties, dare_ties.")
+@click.option("--majority-sign", type=click.Choice(MAJORITY_SIGNS), default=MAJORITY_SIGNS[0], show_default=True, help="ties, dare_ties.")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the random masks.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
@@ -414,20 +317,10 @@ def combine(adapters, out, method, weights, rank, energy, density, majority_sign
 
     A module missing from an input counts as zero there. The output has scaling 1 everywhere.
     """
-    from .api import load_adapter, save_adapter
-    from .ops.combine import combine_adapters, combine_report
+    from .api import combine as run_combine
 
-    loaded = [load_adapter(a) for a in adapters]
-    combined, report = combine_adapters(
-        loaded, method=method, weights=weights, rank=rank, energy=energy, density=density,
-        majority_sign=majority_sign, seed=seed,
-    )
-    save_adapter(combined, out, force=force, sources=loaded)
-    if as_json:
-        _print_json(combine_report(report, adapters, out))
-    else:
-        ranks = sorted({m["rank"] for m in report.modules.values()})
-        click.echo(f"combined {len(adapters)} adapters ({method}) into {out}: {len(report.modules)} modules, rank(s) {ranks}")
+    _emit(run_combine(adapters, out, method=method, weights=weights, rank=rank, energy=energy, density=density,
+                      majority_sign=majority_sign, seed=seed, force=force), as_json)
 
 
 class _progress_bar:

@@ -8,11 +8,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 ADAPTERS = FIXTURES / "adapters"
 BASES = FIXTURES / "bases"
+
+# Property tests: the "ci" profile (the default, what ./dev test and .ci/run use) replays one fixed,
+# derandomized set of examples, the same on every run; LORATOOLS_FUZZ=random draws new ones, as
+# many as LORATOOLS_FUZZ_EXAMPLES (default 2000) per test. Whatever it finds is pinned with @example.
+FUZZ_PROFILE = os.environ.get("LORATOOLS_FUZZ", "ci")
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
+settings.register_profile("random", max_examples=int(os.environ.get("LORATOOLS_FUZZ_EXAMPLES", "2000")), database=None,
+                          print_blob=True, deadline=None)
+settings.load_profile(FUZZ_PROFILE)
 
 # fixture adapter -> tiny base family it was made on (see fixtures/make_fixtures.py)
 ADAPTER_BASE = {

@@ -288,8 +288,8 @@ def test_json_summary(tmp_path):
     result = run_cli("merge", BASES / "bert", ADAPTERS / "bert-modules-to-save", tmp_path / "out", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"base", "adapter", "out", "device", "shards", "workers", "tensors", "tensors_changed", "tensors_replaced",
-                           "bytes_written", "seconds", "skipped_files", "base_quantization", "keep_quantized"}
+    assert set(report) == {"schema_version", "base", "adapter", "out", "device", "shards", "workers", "tensors", "tensors_changed",
+                           "tensors_replaced", "bytes_written", "seconds", "skipped_files", "base_quantization", "keep_quantized"}
     assert report["base_quantization"] is None and report["keep_quantized"] is False
     assert report["tensors_changed"] == 4 and report["tensors_replaced"] == 6 and report["device"] == "cpu"
     assert report["workers"] == 1  # one shard

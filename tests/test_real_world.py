@@ -67,14 +67,19 @@ def test_trainable_tokens_merge_as_peft(tmp_path, tied, indices):
     assert run_cli("validate", adapter_dir).returncode == 0
 
 
-def test_lora_on_a_tied_lm_head_merges_as_peft(tmp_path):
+def test_lora_on_a_tied_lm_head_changes_the_head_alone(tmp_path):
     """PEFT saves lm_head.base_layer.weight beside the factors; the base stores the head once, as
-    the embedding, and PEFT's merge changes that shared tensor. (With ensure_weight_tying PEFT
-    puts the same LoRA on the embedding too: see the test below.)"""
+    the embedding. The PEFT model adds ΔW to the head alone, so OUT gets an lm_head of its own
+    (the logits: test_merge_tied_head.py); PEFT's merge puts the same head into the shared tensor,
+    changing the embedding too. (With ensure_weight_tying PEFT puts the same LoRA on the
+    embedding too: see the test below.)"""
     base_dir, adapter_dir = peft_adapter(tmp_path, tied_llama, target_modules=["q_proj", "lm_head"])
-    ours, base = merge_matches_peft(tmp_path, base_dir, adapter_dir)
-    assert "lm_head.weight" not in ours
-    assert not torch.equal(ours["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    result = run_cli("merge", base_dir, adapter_dir, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    ours, base = merged_tensors(tmp_path / "out"), merged_tensors(base_dir)
+    reference = peft_merged_state_dict("llama", base_dir, adapter_dir)
+    assert torch.equal(ours.pop("model.embed_tokens.weight"), base["model.embed_tokens.weight"])
+    assert_matches_peft(ours, reference)  # lm_head.weight among them
     assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0
 
 

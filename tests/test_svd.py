@@ -30,8 +30,8 @@ def dense_delta(adapter, path) -> np.ndarray:
 def test_singular_values_equal_dense_svd(name):
     adapter = loratools.load_adapter(ADAPTERS / name)
     report = svd_report(adapter)
-    assert len(report["modules"]) == len(adapter.modules)
-    for m in report["modules"]:
+    assert len(report.modules) == len(adapter.modules)
+    for m in report.modules:
         dense = np.linalg.svd(dense_delta(adapter, m["name"]), compute_uv=False)
         expected = np.zeros(m["rank"])
         expected[: min(m["rank"], len(dense))] = dense[: m["rank"]]
@@ -202,6 +202,6 @@ def test_numpy_read_of_half_precision_factors_equals_torch(tmp_path, dtype):
         assert a_t.dtype == dtype
         np.testing.assert_array_equal(a_np, a_t.float().numpy() if dtype != torch.float64 else a_t.numpy())
         np.testing.assert_array_equal(b_np, b_t.float().numpy() if dtype != torch.float64 else b_t.numpy())
-    for m in svd_report(adapter)["modules"]:
+    for m in svd_report(adapter).modules:
         dense = np.linalg.svd(dense_delta(adapter, m["name"]), compute_uv=False)[: m["rank"]]
         np.testing.assert_allclose(m["singular_values"][: len(dense)], dense, rtol=1e-5, atol=1e-9 * dense[0])

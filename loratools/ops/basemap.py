@@ -71,15 +71,43 @@ class BaseNameMapper:
         if lm_head is None:
             lm_head = self.is_lm_head(name) and name.endswith(".weight")
         if lm_head and self.arch is not None and self.tied():
-            # A tied lm_head is stored once, as the token embedding; PEFT's merge changes the
-            # shared tensor, so that is the tensor to change.
-            embed = self.arch.template(Role.TOKEN_EMBED)
-            for prefix in ("", *self.prefixes):
-                if f"{prefix}{embed.path}.weight" in self.base:
-                    return f"{prefix}{embed.path}.weight"
+            # A tied lm_head is stored once, as the token embedding it shares.
+            embed = self._embedding()
+            if embed is not None:
+                return embed
         if required:
             raise ShapeError(f"{what}: no tensor {name} in the base checkpoint (wrong base model?)", code="base-missing-module")
         return None
 
     def tied(self) -> bool:
         return bool((self.base.config or {}).get("tie_word_embeddings", True))
+
+    def tied_pair(self) -> tuple[str | None, str | None]:
+        """(the token embedding, the lm_head weight's name) when the base stores its lm_head only
+        as that embedding (tied); else (None, None)."""
+        heads = [t.path for t in self.arch.modules if t.role is Role.LM_HEAD] if self.arch is not None else []
+        if not heads or not self.tied():
+            return None, None
+        head = ("lm_head" if "lm_head" in heads else heads[0]) + ".weight"  # transformers 5 names them all lm_head
+        if any(c in self.base for c in self.candidates(head)):
+            return None, None
+        embed = self._embedding()
+        return (embed, head) if embed is not None else (None, None)
+
+    def causal_lm(self) -> bool | None:
+        """Whether the base is a causal LM, from config.json (the head class it records, else
+        its family's); None without a config.json."""
+        if not self.base.config:
+            return None
+        detection = detect_from_config(self.base.config)
+        arch = ARCHITECTURES.get(detection.architecture) if detection.architecture else self.arch
+        if detection.head is not None:
+            return detection.head == "causal-lm"
+        return arch is not None and any(h.name == "causal-lm" for h in arch.heads)
+
+    def _embedding(self) -> str | None:
+        embed = self.arch.template(Role.TOKEN_EMBED)
+        for prefix in ("", *self.prefixes) if embed is not None else ():
+            if f"{prefix}{embed.path}.weight" in self.base:
+                return f"{prefix}{embed.path}.weight"
+        return None

@@ -23,22 +23,27 @@ import torch
 from ..adapter import PREFIX, Adapter
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
+from ..report import Report
+from .choices import COMBINE_METHODS as METHODS
+from .choices import MAJORITY_SIGNS
 from .lowrank import balanced_factors, check_rank_or_energy, factored_svd
 from .svd import energy_rank
-
-EXACT = ("cat", "svd")
-PEFT_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-METHODS = EXACT + PEFT_METHODS
 
 MaskFn = Callable[[torch.Tensor, float], torch.Tensor]  # (tensor, density) -> 0/1 mask like tensor
 
 
 @dataclass
-class CombineReport:
-    method: str
-    weights: list[float]
+class CombineReport(Report):
+    adapters: list[str] = field(default_factory=list)  # the inputs, as named
+    out: str = ""
+    method: str = "cat"
+    weights: list[float] = field(default_factory=list)
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {"rank", "inputs"}
     carried: list[str] = field(default_factory=list)  # extra tensors copied from one input
+
+    def render(self) -> str:
+        ranks = sorted({m["rank"] for m in self.modules.values()})
+        return f"combined {len(self.adapters)} adapters ({self.method}) into {self.out}: {len(self.modules)} modules, rank(s) {ranks}"
 
 
 def combine_adapters(
@@ -63,7 +68,7 @@ def combine_adapters(
             by_path[path].append((adapter, weight))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
-    report = CombineReport(method, list(weights))
+    report = CombineReport(adapters=[a.source for a in adapters], method=method, weights=list(weights))
     for path in sorted(by_path):
         inputs = by_path[path]
         first = inputs[0][0].modules[path]
@@ -117,8 +122,8 @@ def _check_inputs(adapters, method, weights, rank, energy, density, majority_sig
         raise UsageError(f"--method {method} needs --density D (the fraction of values kept, in [0, 1])")
     if density is not None and not (needs_density and 0 <= density <= 1):
         raise UsageError("--density is a fraction in [0, 1] and applies to ties, dare_*, magnitude_prune only")
-    if majority_sign not in ("total", "frequency"):
-        raise UsageError(f"--majority-sign must be total or frequency, got {majority_sign!r}")
+    if majority_sign not in MAJORITY_SIGNS:
+        raise UsageError(f"--majority-sign must be {' or '.join(MAJORITY_SIGNS)}, got {majority_sign!r}")
     archs = {a.architecture for a in adapters}
     if len(archs) > 1:
         names = ", ".join(f"{a.source}: {a.architecture or 'unknown'}" for a in adapters)
@@ -238,7 +243,3 @@ def _output_config(adapters: Sequence[Adapter]) -> dict[str, Any]:
         layers_pattern=None,
     )
     return raw
-
-
-def combine_report(report: CombineReport, sources: Sequence[str], out: str) -> dict[str, Any]:
-    return {"adapters": list(sources), "out": out, **report.__dict__}

@@ -18,6 +18,7 @@ from ..adapter import PREFIX, Adapter
 from ..arch import CONVERT_SCHEMES, Architecture, Head, Layout, Role, get_architecture, locate
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
+from ..report import Report
 
 # Roles that exist across families and can be carried over.
 CONVERTIBLE = {Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_OUT, Role.FFN_UP, Role.FFN_GATE, Role.FFN_DOWN, Role.TOKEN_EMBED}
@@ -42,12 +43,21 @@ class Part:
 
 
 @dataclass
-class ConvertReport:
+class ConvertReport(Report):
+    adapter: str
+    out: str
     source_architecture: str
     target_architecture: str
     head: str
     modules: dict[str, list[str]] = field(default_factory=dict)  # target path -> source paths
     dropped: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"converted {self.source_architecture} -> {self.target_architecture} ({self.head}) into {self.out}: "
+                 f"{len(self.modules)} modules"]
+        if self.dropped:
+            lines.append(f"dropped (no counterpart): {', '.join(self.dropped)}")
+        return "\n".join(lines)
 
 
 def convert_adapter(
@@ -79,7 +89,7 @@ def convert_adapter(
         )
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
-    report = ConvertReport(src.name, dst.name, dst_head.name, dropped=list(unmapped))
+    report = ConvertReport(adapter.source, "", src.name, dst.name, dst_head.name, dropped=list(unmapped))
     for (layer, role), part in sorted(parts.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1].value)):
         template = dst.template(role)
         path = ("" if template.in_head else dst_head.prefix) + template.path.format(layer=layer)

@@ -30,10 +30,11 @@ from ..arch import Layout, Role
 from ..arch.gguf import gguf_arch
 from ..errors import ShapeError, UnsupportedError, UsageError
 from ..formats.atomic import atomic_file, refuse_overlap
+from ..report import Report
 
 
 @dataclass
-class ExportReport:
+class ExportReport(Report):
     adapter: str
     out: str
     architecture: str  # general.architecture written
@@ -44,8 +45,10 @@ class ExportReport:
     rescaled: list[str] = field(default_factory=list)  # modules whose B carries a folded scaling
     permuted: list[str] = field(default_factory=list)  # modules whose B rows follow llama.cpp's rope order
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+    def render(self) -> str:
+        return (f"exported {self.modules} modules ({self.tensors} tensors) to {self.out}: architecture {self.architecture}, "
+                f"alpha {self.alpha:g}; {len(self.rescaled)} with their scaling folded into B, "
+                f"{len(self.permuted)} q/k reordered for rope")
 
 
 def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None = None, base_config: dict | None = None,

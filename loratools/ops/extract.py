@@ -28,6 +28,8 @@ from ..errors import ShapeError, UnsupportedError, UsageError
 from ..formats.checkpoint import Checkpoint
 from ..formats.safetensors_header import FLOAT_DTYPES
 from ..formats.tensors import SafetensorsStore
+from ..report import Report, plain
+from .choices import EMBEDDING_MODES
 from .lowrank import check_rank_or_energy
 from .merge import resolve_device
 from .merge_plan import DTYPE_CODES
@@ -36,7 +38,6 @@ OVERSAMPLE = 8
 POWER_ITERATIONS = 2
 DEFAULT_MAX_RANK = 256
 SEED = 0  # the same inputs give the same adapter, byte for byte
-EMBEDDING_MODES = ("lora", "save", "skip")
 
 
 @dataclass
@@ -51,7 +52,7 @@ class ExtractedModule:
 
 
 @dataclass
-class ExtractReport:
+class ExtractReport(Report):
     base: str
     finetuned: str
     out: str = ""
@@ -63,26 +64,45 @@ class ExtractReport:
     # Changed tensors the adapter does not carry: a model built from it differs from FINETUNED there.
     not_extracted: dict[str, str] = field(default_factory=dict)  # tensor name -> why
 
-    def to_dict(self) -> dict[str, Any]:
-        modules = [m.__dict__ for m in self.modules]
-        energies = [m["retained_energy"] for m in modules]
+    @property
+    def summary(self) -> dict[str, Any]:
+        return {
+            "modules": len(self.modules),
+            "tensors_unchanged": self.unchanged,
+            "lora_parameters": sum(m.rank * sum(m.shape) for m in self.modules),
+            "min_retained_energy": min((m.retained_energy for m in self.modules), default=1.0),
+            "max_relative_error": max((m.relative_error for m in self.modules), default=0.0),
+        }
+
+    def _json(self) -> dict[str, Any]:
         return {
             "base": self.base,
             "finetuned": self.finetuned,
             "out": self.out,
-            "modules": modules,
+            "modules": plain(self.modules),
             "saved": self.saved,
             "not_extracted": self.not_extracted,
             "energy_not_reached": self.energy_not_reached,
             "tied_embedding": self.tied_embedding,
-            "summary": {
-                "modules": len(modules),
-                "tensors_unchanged": self.unchanged,
-                "lora_parameters": sum(m["rank"] * sum(m["shape"]) for m in modules),
-                "min_retained_energy": min(energies, default=1.0),
-                "max_relative_error": max((m["relative_error"] for m in modules), default=0.0),
-            },
+            "summary": self.summary,
         }
+
+    def render(self) -> str:
+        lines = [f"{'module':<48} {'shape':>12} {'rank':>5} {'energy':>8} {'rel.err':>9} svd"]
+        for m in self.modules:
+            shape = "x".join(map(str, m.shape))
+            lines.append(f"{m.name[-48:]:<48} {shape:>12} {m.rank:>5} {m.retained_energy:>8.4f} {m.relative_error:>9.2e} {m.svd}")
+        s = self.summary
+        lines.append("")
+        lines.append(f"{s['modules']} modules extracted, {s['lora_parameters']:,} LoRA parameters; {s['tensors_unchanged']} tensors unchanged")
+        lines.append(f"lowest retained energy {s['min_retained_energy']:.4f}, largest relative error {s['max_relative_error']:.2e}")
+        for name in self.saved:
+            lines.append(f"stored whole: {name}")
+        if self.energy_not_reached:
+            lines.append(f"warning: {len(self.energy_not_reached)} modules need more than --max-rank to reach --energy")
+        for name, why in self.not_extracted.items():
+            lines.append(f"warning: not in the adapter: {name}: {why}")
+        return "\n".join(lines)
 
 
 def extract_adapter(
@@ -365,20 +385,3 @@ def _config(base_name: str, ranks, to_save, conv1d: bool, tied: str | None, bias
         "auto_mapping": {"base_model_class": head.classes[0], "parent_library": "transformers"} if head and head.classes else None,
     }
 
-
-def render_extract(report: dict[str, Any]) -> str:
-    lines = [f"{'module':<48} {'shape':>12} {'rank':>5} {'energy':>8} {'rel.err':>9} svd"]
-    for m in report["modules"]:
-        shape = "x".join(map(str, m["shape"]))
-        lines.append(f"{m['name'][-48:]:<48} {shape:>12} {m['rank']:>5} {m['retained_energy']:>8.4f} {m['relative_error']:>9.2e} {m['svd']}")
-    s = report["summary"]
-    lines.append("")
-    lines.append(f"{s['modules']} modules extracted, {s['lora_parameters']:,} LoRA parameters; {s['tensors_unchanged']} tensors unchanged")
-    lines.append(f"lowest retained energy {s['min_retained_energy']:.4f}, largest relative error {s['max_relative_error']:.2e}")
-    for name in report["saved"]:
-        lines.append(f"stored whole: {name}")
-    if report["energy_not_reached"]:
-        lines.append(f"warning: {len(report['energy_not_reached'])} modules need more than --max-rank to reach --energy")
-    for name, why in report["not_extracted"].items():
-        lines.append(f"warning: not in the adapter: {name}: {why}")
-    return "\n".join(lines)

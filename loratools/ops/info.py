@@ -4,15 +4,76 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from ..adapter import Adapter
+from ..report import Report
 
-SCHEMA_VERSION = 1
+# Fields of InfoReport that are the config's own, as parsed (AdapterConfig)
+_CONFIG_FIELDS = ("base_model_name_or_path", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias",
+                  "bias", "rank_pattern", "alpha_pattern", "target_modules")
 
 
-def adapter_info(adapter: Adapter) -> dict[str, Any]:
-    """A JSON-ready description of the adapter (schema documented in the README)."""
+@dataclass
+class InfoReport(Report):
+    """An adapter described from its config and header (the fields of `info --json`, in the README)."""
+
+    adapter: str
+    architecture: str | None
+    architecture_note: str | None  # why it is unknown, or what is uncertain
+    family_known: bool  # False: only module names were seen, shared by several families
+    naming: str | None
+    head: str | None
+    peft_type: str  # ADALORA: described as the plain LoRA it equals (A⊙E, per-module scaling)
+    pruned_modules: list[str]  # AdaLoRA modules pruned to rank 0
+    base_model_name_or_path: str | None
+    r: int
+    lora_alpha: float
+    scaling: float
+    use_rslora: bool
+    use_dora: bool
+    fan_in_fan_out: bool
+    lora_bias: bool
+    bias: str
+    rank_pattern: dict[str, Any]
+    alpha_pattern: dict[str, Any]
+    target_modules: Any  # list[str] | str (a regex) | None, as in the config
+    roles: dict[str, int]
+    num_modules: int
+    trainable_parameters: int
+    total_parameters: int
+    dtypes: dict[str, int]
+    file: dict[str, Any]
+    modules: list[dict[str, Any]]
+    extras: list[dict[str, Any]]
+    trainable_tokens: list[dict[str, Any]]
+    variants: list[str]
+    refusals: dict[str, list[str]]
+    unknown_keys: list[str]
+    variant_keys: list[str]
+    # With a base: base_report.base_summary(), and its "compare" rows with a 16-bit original.
+    base: dict[str, Any] | None = None
+
+    def _json(self) -> dict[str, Any]:
+        doc = super()._json()
+        if self.base is None:
+            del doc["base"]  # no "base" key without a base
+        return doc
+
+    def render(self) -> str:
+        text = [_adapter_text(self)]
+        if self.base is not None:
+            from .base_report import render_base, render_compare  # numpy: only for a base
+
+            text.append(render_base(self.base))
+            if "compare" in self.base:
+                text.append(render_compare(self.base["compare"]))
+        return "\n".join(text)
+
+
+def adapter_info(adapter: Adapter) -> InfoReport:
+    """The adapter described from its config and header alone."""
     cfg, det = adapter.config, adapter.detection
     modules = []
     for m in adapter.modules.values():
@@ -42,93 +103,81 @@ def adapter_info(adapter: Adapter) -> dict[str, Any]:
     )
     roles = Counter(m.role.value if m.role else "unknown" for m in adapter.modules.values())
     weights = adapter.weights_path
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "adapter": adapter.source,
-        "architecture": det.architecture,
-        "architecture_note": det.reason or None,  # why it is unknown, or what is uncertain
-        "family_known": det.family_known,  # False: only module names were seen, shared by several families
-        "naming": det.scheme,
-        "head": det.head,
-        "peft_type": adapter.origin,  # ADALORA: described as the plain LoRA it equals (A⊙E, per-module scaling)
-        "pruned_modules": list(adapter.pruned),  # AdaLoRA modules pruned to rank 0
-        "base_model_name_or_path": cfg.base_model_name_or_path,
-        "r": cfg.r,
-        "lora_alpha": cfg.lora_alpha,
-        "scaling": cfg.default_scaling,
-        "use_rslora": cfg.use_rslora,
-        "use_dora": cfg.use_dora,
-        "fan_in_fan_out": cfg.fan_in_fan_out,
-        "lora_bias": cfg.lora_bias,
-        "bias": cfg.bias,
-        "rank_pattern": cfg.rank_pattern,
-        "alpha_pattern": cfg.alpha_pattern,
-        "target_modules": cfg.target_modules,
-        "roles": dict(sorted(roles.items())),
-        "num_modules": len(adapter.modules),
-        "trainable_parameters": trainable,
-        "total_parameters": sum(meta.numel for meta in metas.values()),
-        "dtypes": dict(sorted(Counter(meta.dtype for meta in metas.values()).items())),
-        "file": {
+    return InfoReport(
+        adapter=adapter.source,
+        architecture=det.architecture,
+        architecture_note=det.reason or None,
+        family_known=det.family_known,
+        naming=det.scheme,
+        head=det.head,
+        peft_type=adapter.origin,
+        pruned_modules=list(adapter.pruned),
+        **{name: getattr(cfg, name) for name in _CONFIG_FIELDS},
+        scaling=cfg.default_scaling,
+        roles=dict(sorted(roles.items())),
+        num_modules=len(adapter.modules),
+        trainable_parameters=trainable,
+        total_parameters=sum(meta.numel for meta in metas.values()),
+        dtypes=dict(sorted(Counter(meta.dtype for meta in metas.values()).items())),
+        file={
             "path": weights,
             "format": "bin" if str(weights).endswith(".bin") else "safetensors",
             "bytes": os.path.getsize(weights) if weights and os.path.isfile(weights) else None,
         },
-        "modules": modules,
-        "extras": [
+        modules=modules,
+        extras=[
             {"key": e.key, "kind": e.kind, "replaces": e.target, "shape": list(metas[e.key].shape), "dtype": metas[e.key].dtype}
             for e in adapter.extras
         ],
-        "trainable_tokens": [{"module": t.path, "tokens": len(t.indices)} for t in adapter.trainable_tokens],
-        "variants": list(cfg.variants),
-        "refusals": {"merge": cfg.refusals(merging=True), "rewrite": cfg.refusals(merging=False)},
-        "unknown_keys": list(adapter.unknown_keys),
-        "variant_keys": list(adapter.variant_keys),
-    }
+        trainable_tokens=[{"module": t.path, "tokens": len(t.indices)} for t in adapter.trainable_tokens],
+        variants=list(cfg.variants),
+        refusals={"merge": cfg.refusals(merging=True), "rewrite": cfg.refusals(merging=False)},
+        unknown_keys=list(adapter.unknown_keys),
+        variant_keys=list(adapter.variant_keys),
+    )
 
 
-def render_info(info: dict[str, Any]) -> str:
-    """The human-readable form of adapter_info()."""
+def _adapter_text(info: InfoReport) -> str:
     yes = lambda b: "yes" if b else "no"  # noqa: E731
-    arch = info["architecture"] or f"unknown ({info['architecture_note']})"
-    if info["head"]:
-        arch += f", {info['head']} head"
+    arch = info.architecture or f"unknown ({info.architecture_note})"
+    if info.head:
+        arch += f", {info.head} head"
     lines = [
-        f"adapter       {info['adapter']}",
+        f"adapter       {info.adapter}",
         f"architecture  {arch}",
-        f"peft_type     {info['peft_type']}   base: {info['base_model_name_or_path'] or '-'}",
-        f"r / alpha     {info['r']} / {_num(info['lora_alpha'])}   scaling {_num(info['scaling'])}"
-        f"{'  (alpha/sqrt(r), rsLoRA)' if info['use_rslora'] else ''}",
-        f"flags         rslora {yes(info['use_rslora'])}, dora {yes(info['use_dora'])}, "
-        f"fan_in_fan_out {yes(info['fan_in_fan_out'])}, lora_bias {yes(info['lora_bias'])}, bias {info['bias']}",
-        f"targets       {_targets(info['target_modules'])}",
-        f"modules       {info['num_modules']} ({', '.join(f'{r} {n}' for r, n in info['roles'].items())})",
-        f"parameters    {info['trainable_parameters']:,} trainable, {info['total_parameters']:,} in the file",
-        f"dtypes        {', '.join(f'{d} x{n}' for d, n in info['dtypes'].items())}",
-        f"file          {info['file']['path']} ({info['file']['format']}, {_size(info['file']['bytes'])})",
+        f"peft_type     {info.peft_type}   base: {info.base_model_name_or_path or '-'}",
+        f"r / alpha     {info.r} / {_num(info.lora_alpha)}   scaling {_num(info.scaling)}"
+        f"{'  (alpha/sqrt(r), rsLoRA)' if info.use_rslora else ''}",
+        f"flags         rslora {yes(info.use_rslora)}, dora {yes(info.use_dora)}, "
+        f"fan_in_fan_out {yes(info.fan_in_fan_out)}, lora_bias {yes(info.lora_bias)}, bias {info.bias}",
+        f"targets       {_targets(info.target_modules)}",
+        f"modules       {info.num_modules} ({', '.join(f'{r} {n}' for r, n in info.roles.items())})",
+        f"parameters    {info.trainable_parameters:,} trainable, {info.total_parameters:,} in the file",
+        f"dtypes        {', '.join(f'{d} x{n}' for d, n in info.dtypes.items())}",
+        f"file          {info.file['path']} ({info.file['format']}, {_size(info.file['bytes'])})",
     ]
     for name in ("rank_pattern", "alpha_pattern"):
-        if info[name]:
-            lines.append(f"{name:<13} {', '.join(f'{k!r}: {_num(v)}' for k, v in info[name].items())}")
-    odd = [m for m in info["modules"] if (m["rank"], m["alpha"]) != (info["r"], info["lora_alpha"])]
+        if getattr(info, name):
+            lines.append(f"{name:<13} {', '.join(f'{k!r}: {_num(v)}' for k, v in getattr(info, name).items())}")
+    odd = [m for m in info.modules if (m["rank"], m["alpha"]) != (info.r, info.lora_alpha)]
     if odd:
         lines.append(f"modules whose r / alpha differ from the defaults ({len(odd)}):")
         lines += [f"  {m['name']:<48} r={m['rank']:<4} alpha={_num(m['alpha']):<6} scaling={_num(m['scaling'])}" for m in odd]
-    if info["extras"]:
-        lines.append(f"extra tensors ({len(info['extras'])}):")
-        lines += [f"  {e['kind']:<16} {e['replaces']:<48} {e['shape']} {e['dtype']}" for e in info["extras"]]
-    if info["variants"]:
-        lines.append(f"variants      {', '.join(info['variants'])}")
-    for t in info["trainable_tokens"]:
+    if info.extras:
+        lines.append(f"extra tensors ({len(info.extras)}):")
+        lines += [f"  {e['kind']:<16} {e['replaces']:<48} {e['shape']} {e['dtype']}" for e in info.extras]
+    if info.variants:
+        lines.append(f"variants      {', '.join(info.variants)}")
+    for t in info.trainable_tokens:
         lines.append(f"tokens        {t['tokens']} trainable token rows of {t['module']}")
-    for op, reasons in (("merge", info["refusals"]["merge"]), ("convert/combine/resize", info["refusals"]["rewrite"])):
+    for op, reasons in (("merge", info.refusals["merge"]), ("convert/combine/resize", info.refusals["rewrite"])):
         if reasons:
             lines.append(f"refused by {op}: {reasons[0]}")
-    if info["unknown_keys"]:
-        lines.append(f"unrecognised keys ({len(info['unknown_keys'])}; neither LoRA factors nor known extras):")
-        lines += [f"  {k}" for k in info["unknown_keys"][:20]]
-        if len(info["unknown_keys"]) > 20:
-            lines.append(f"  ... and {len(info['unknown_keys']) - 20} more")
+    if info.unknown_keys:
+        lines.append(f"unrecognised keys ({len(info.unknown_keys)}; neither LoRA factors nor known extras):")
+        lines += [f"  {k}" for k in info.unknown_keys[:20]]
+        if len(info.unknown_keys) > 20:
+            lines.append(f"  ... and {len(info.unknown_keys) - 20} more")
     return "\n".join(lines)
 
 

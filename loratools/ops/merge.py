@@ -23,6 +23,7 @@ from ..errors import UsageError
 from ..formats.atomic import atomic_dir, atomic_file, refuse_overlap
 from ..formats.checkpoint import INDEX_NAME
 from ..formats.safetensors_writer import tensor_nbytes
+from ..report import Report
 from . import merge_shard
 from .merge_plan import DTYPE_CODES, MergePlan, plan_merge  # noqa: F401  (plan_merge: public here too)
 from .shard_workers import available_cpus, run_jobs
@@ -65,7 +66,7 @@ def _gpu_driver() -> bool:
 
 
 @dataclass
-class MergeReport:
+class MergeReport(Report):
     base: str
     adapter: str
     out: str
@@ -81,8 +82,16 @@ class MergeReport:
     seconds: float
     skipped_files: list[str]
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+    def render(self) -> str:
+        lines = [f"merged into {self.out}: {self.tensors_changed} tensors changed, {self.tensors_replaced} replaced, "
+                 f"{self.tensors} in {self.shards} shard(s); {self.bytes_written:,} bytes in {self.seconds:.2f} s on {self.device}"]
+        if self.base_quantization:
+            how = "changed weights re-quantized" if self.keep_quantized else "dequantized"
+            lines.append(f"quantized base ({self.base_quantization}): {how}")
+        return "\n".join(lines)
+
+    def notices(self) -> list[str]:
+        return [f"not copied (weights in other formats): {', '.join(self.skipped_files)}"] if self.skipped_files else []
 
 
 def merge_checkpoint(
@@ -125,7 +134,7 @@ def merge_checkpoint(
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(base.path / rel, tmp / rel)  # follows Hub cache symlinks
                 os.chmod(tmp / rel, _mode(base.path / rel))
-            if (plan.out_dtype or plan.keep_quantized) and (tmp / "config.json").is_file():
+            if (plan.out_dtype or plan.keep_quantized or plan.untied) and (tmp / "config.json").is_file():
                 _record_config(tmp / "config.json", plan)
             _require_unchanged(plan)
     changed = sum(1 for o in plan.ops.values() if o.modules or o.lora_biases)
@@ -137,7 +146,7 @@ def merge_checkpoint(
         device=dev,
         shards=len(base.shards),
         workers=workers,
-        tensors=len(base.weight_map) - (0 if plan.keep_quantized else len(base.quant_parts)),
+        tensors=sum(len(outputs) for outputs in plan.outputs.values()),
         tensors_changed=changed,
         tensors_replaced=replaced,
         base_quantization=base.describe_quantization(),
@@ -210,17 +219,22 @@ def _index_json(plan: MergePlan) -> str:
     index = json.loads(json.dumps(plan.base.index))  # a deep copy
     if not plan.keep_quantized:  # a dequantized base loses its scales and code maps
         index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in plan.base.quant_parts}
-    total = 0
-    for shard in plan.base.shards:
-        total += sum(tensor_nbytes(dtype, shape) for _, dtype, shape in merge_shard.out_entries(plan, shard))
+    for head, embed in plan.untied.items():  # written beside the embedding it was tied to
+        index["weight_map"][head] = plan.base.weight_map[embed]
+    total = sum(tensor_nbytes(out.dtype, out.shape) for outputs in plan.outputs.values() for out in outputs)
     index.setdefault("metadata", {})["total_size"] = total
     return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
 def _record_config(config_path: Path, plan: MergePlan) -> None:
     """config.json of OUT: the dtype it now has; a dequantized base loses its quantization_config
-    (transformers would otherwise expect packed weights)."""
+    (transformers would otherwise expect packed weights); an untied head unties the embeddings,
+    in a nested text_config too (transformers 5 takes a tie from there, or from its default)."""
     config = json.loads(config_path.read_text())
+    if plan.untied:
+        for part in (config, config.get("text_config")):
+            if isinstance(part, dict):
+                part["tie_word_embeddings"] = False
     if plan.out_dtype:
         name = {v: k for k, v in DTYPE_CODES.items()}[plan.out_dtype]
         keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]

@@ -6,14 +6,16 @@ can be made before writing (headers, and the adapter's own values, which are sma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..adapter import Adapter, LoraModule, TrainableTokens
 from ..arch import Layout, Role
 from ..errors import FormatError, ShapeError, UnsupportedError, UsageError
 from ..formats.checkpoint import Checkpoint
+from ..formats.safetensors_header import FLOAT_DTYPES
 from .basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
 from .initial import check_on_base
+from .merge_bounds import require_finite_merge
 
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -28,14 +30,26 @@ class TensorOps:
     lora_biases: list[LoraModule] = field(default_factory=list)  # add s·lora_B.bias
 
 
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of OUT, as the plan decides it: the executor writes exactly these."""
+
+    name: str
+    dtype: str  # dtype code it is written in
+    shape: tuple[int, ...]
+    source: str  # the base tensor it is made from: itself, or the embedding an untied head was tied to
+
+
 @dataclass
 class MergePlan:
     base: Checkpoint
     adapter: Adapter
-    ops: dict[str, TensorOps]  # base tensor name -> ops
+    ops: dict[str, TensorOps]  # output tensor name -> ops
     scale: float
-    out_dtype: str | None  # dtype code for every float tensor, or None to keep each one's
+    out_dtype: str | None  # --dtype's code, or None to keep each tensor's
     keep_quantized: bool = False  # write changed quantized weights quantized again (FP8), not dequantized
+    untied: dict[str, str] = field(default_factory=dict)  # head written as its own tensor -> the embedding it was tied to
+    outputs: dict[str, list[OutputTensor]] = field(default_factory=dict)  # shard -> its tensors in OUT, in file order
 
 
 def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: str | None = None,
@@ -66,10 +80,11 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
         raise ShapeError("the adapter has no LoRA modules and no extra tensors: nothing to merge")
     _require_finite(adapter)
     mapper = BaseNameMapper(base, adapter)
+    heads = _TiedHeads(base, adapter, mapper)
     ops: dict[str, TensorOps] = {}
     for extra in adapter.extras:
-        name = mapper.find(extra.target, f"{extra.kind} tensor {extra.key}")
-        want, have = adapter.tensors.meta(extra.key).shape, base.info(name).shape
+        name = heads.target(extra.target, f"{extra.kind} tensor {extra.key}")
+        want, have = adapter.tensors.meta(extra.key).shape, base.info(heads.source(name)).shape
         if want != have:
             raise ShapeError(f"{extra.kind} tensor {extra.key}: shape {list(want)} but base {name} is {list(have)}")
         op = ops.setdefault(name, TensorOps())
@@ -84,8 +99,8 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
                              f"{max(tokens.indices, default=0)} do not fit base {name} of shape {list(have)}")
         ops.setdefault(name, TensorOps()).rows.append(tokens)
     for module in adapter.modules.values():
-        name = mapper.find(f"{module.path}.weight", f"module {module.path}", lm_head=module.role is Role.LM_HEAD)
-        info = base.info(name)
+        name = heads.target(f"{module.path}.weight", f"module {module.path}", lm_head=module.role is Role.LM_HEAD)
+        info = base.info(heads.source(name))
         if unmergeable_dtype(info):
             raise UnsupportedError(f"module {module.path}: base {name} is {unmergeable_dtype(info)}", code="base-dtype")
         if tuple(info.shape) != module.weight_shape:
@@ -101,6 +116,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
             if bias is None:
                 raise ShapeError(f"module {module.path}: lora_bias=True but the base layer has no bias (PEFT cannot merge it either)")
             ops.setdefault(bias, TensorOps()).lora_biases.append(module)
+    heads.untie_saved_embedding(ops)
     for name, op in ops.items():
         _drop_tied_copy(adapter, name, op)
         nonadditive = [m.path for m in op.modules if m.magnitude_key or m.diag_key]
@@ -115,7 +131,91 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
             if weight and any(base.weight_map[p] != base.weight_map[name] for p in weight.parts.values()):
                 raise UnsupportedError(f"--keep-quantized: {name} and its scales are in different shards; merge without it",
                                        code="quantized-base")
-    return MergePlan(base, adapter, ops, scale, DTYPE_CODES[dtype] if dtype else None, keep_quantized)
+    out_dtype = DTYPE_CODES[dtype] if dtype else None
+    plan = MergePlan(base, adapter, ops, scale, out_dtype, keep_quantized, heads.untied,
+                     _outputs(base, out_dtype, keep_quantized, heads.untied))
+    for checked in heads.by_base_tensor(plan):  # the bound check finds each changed tensor in the base by name
+        require_finite_merge(checked)
+    return plan
+
+
+def _outputs(base: Checkpoint, out_dtype: str | None, keep_quantized: bool, untied: dict[str, str]) -> dict[str, list[OutputTensor]]:
+    """Every tensor of OUT, shard by shard in file order, with the dtype it is written in.
+    --dtype casts the model's float tensors. With keep_quantized a quantized weight keeps its
+    stored format (FP8 codes; a changed one quantized again) and so do its float32 scales,
+    which are not the model's floats; otherwise it is written dequantized and its scales and code
+    maps are dropped. An untied head follows the embedding it is made from."""
+    head_of = {embed: head for head, embed in untied.items()}
+    outputs = {}
+    for shard, header in base.shards.items():
+        entries = []
+        for name in sorted(header.tensors, key=lambda n: header.tensors[n].start):  # sequential reads
+            stored = header.tensors[name]
+            if keep_quantized and (name in base.quantized or name in base.quant_parts):
+                dtype = stored.dtype
+            elif name in base.quant_parts:
+                continue
+            else:
+                stored = base.info(name)  # a quantized weight: its dequantized dtype and shape
+                dtype = out_dtype if out_dtype and stored.dtype in FLOAT_DTYPES else stored.dtype
+            entries.append(OutputTensor(name, dtype, tuple(stored.shape), name))
+            if name in head_of:
+                entries.append(OutputTensor(head_of[name], dtype, tuple(stored.shape), name))
+        outputs[shard] = entries
+    return outputs
+
+
+class _TiedHeads:
+    """A causal LM whose lm_head is tied to its token embedding stores the two once, as the
+    embedding. When the adapter changes one of them alone (modules_to_save, or LoRA on the head)
+    and not with ensure_weight_tying, the PEFT model holds them apart: the changed one is PEFT's,
+    the other keeps the base weight. OUT then gets the head as a tensor of its own (`untied`:
+    head -> the embedding it is made from), beside the embedding, and config.json unties them.
+    (A LoRA on the embedding alone changes the shared tensor, as PEFT's merge_and_unload does.)"""
+
+    def __init__(self, base: Checkpoint, adapter: Adapter, mapper: BaseNameMapper):
+        self.base, self.mapper = base, mapper
+        self.saved = {e.key for e in adapter.extras if e.kind == "modules_to_save"}
+        self.enabled = not adapter.config.raw.get("ensure_weight_tying") and mapper.causal_lm() is not False
+        self.untied: dict[str, str] = {}
+
+    def target(self, name: str, what: str, lm_head: bool | None = None) -> str:
+        """The output tensor that `name` (from the adapter) changes: the base tensor mapper.find
+        gives, or the head itself once untied from the embedding it is stored as."""
+        found = self.mapper.find(name, what, lm_head=lm_head)
+        if self.enabled and found not in self.mapper.candidates(name):
+            self._untie(name, found, what)
+            return name
+        return found
+
+    def source(self, name: str) -> str:
+        """The base tensor an output tensor is made from."""
+        return self.untied.get(name, name)
+
+    def untie_saved_embedding(self, ops: dict[str, TensorOps]) -> None:
+        """modules_to_save on a tied embedding: the PEFT model's head keeps the base weight."""
+        embed, head = self.mapper.tied_pair()
+        op = ops.get(embed) if embed else None
+        if self.enabled and head not in self.untied and op is not None and op.replace_key in self.saved:
+            self._untie(head, embed, f"modules_to_save tensor {op.replace_key}")
+
+    def by_base_tensor(self, plan: MergePlan):
+        """The plan with only base tensors' ops, then one plan per changed untied head with its
+        ops on the embedding it starts from (what require_finite_merge can look up)."""
+        yield replace(plan, ops={n: op for n, op in plan.ops.items() if n not in self.untied})
+        for head, embed in self.untied.items():
+            if head in plan.ops:
+                yield replace(plan, ops={embed: plan.ops[head]})
+
+    def _untie(self, head: str, embed: str, what: str) -> None:
+        if self.mapper.causal_lm() is None:
+            raise UnsupportedError(f"{what}: the base stores lm_head tied to {embed} and the adapter changes one of them "
+                                   "alone; OUT needs its own lm_head and a config.json that unties them: give the base's "
+                                   "model directory with its config.json", code="tied-head")
+        if embed in self.base.quantized:
+            raise UnsupportedError(f"{what}: lm_head is tied to {embed}, which is quantized; loratools does not untie it",
+                                   code="tied-head")
+        self.untied[head] = embed
 
 
 def _check_keep_quantized(base: Checkpoint) -> None:

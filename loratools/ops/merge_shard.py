@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 
-from ..formats.safetensors_header import FLOAT_DTYPES
 from ..formats.safetensors_writer import StreamingSafetensorsWriter
 from . import dequant, merge_numpy
 from .merge_plan import MergePlan, TensorOps
@@ -30,20 +29,8 @@ PAGE = mmap.PAGESIZE
 
 
 def out_entries(plan: MergePlan, shard: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, output dtype code, shape) for every tensor of a shard, in file order."""
-    base = plan.base
-    header = base.shards[shard]
-    names = sorted(header.tensors, key=lambda n: header.tensors[n].start)  # sequential reads
-    entries = []
-    for name in names:
-        info = header.tensors[name]
-        if not plan.keep_quantized and name in base.quant_parts:
-            continue  # dequantized: its scales and code maps go with the quantization
-        if not plan.keep_quantized and name in base.quantized:
-            info = base.info(name)
-        dtype = plan.out_dtype if plan.out_dtype and info.dtype in FLOAT_DTYPES else info.dtype
-        entries.append((name, dtype, info.shape))
-    return entries
+    """(name, output dtype code, shape) for every tensor of a shard, in file order (as planned)."""
+    return [(out.name, out.dtype, out.shape) for out in plan.outputs[shard]]
 
 
 def _dequantizes(plan: MergePlan, name: str) -> bool:
@@ -56,16 +43,16 @@ def needs_torch(plan: MergePlan, device: str) -> bool:
     imports it once, before its workers fork, rather than each worker importing it)."""
     if device != "cpu":
         return True
-    for shard in plan.base.shards:
-        for name, dtype, shape in out_entries(plan, shard):
-            ops = plan.ops.get(name)
-            if _dequantizes(plan, name):
+    for shard, outputs in plan.outputs.items():
+        for out in outputs:
+            ops, dtype, shape = plan.ops.get(out.name), out.dtype, out.shape
+            if _dequantizes(plan, out.name):
                 if ops is None:
                     continue  # stored as dequantized, or rounded by merge_numpy.store
-                in_dtype = dequant.value_dtype(plan.base.quantized[name])
+                in_dtype = dequant.value_dtype(plan.base.quantized[out.name])
                 dtype = "F32" if plan.keep_quantized else dtype  # merged in float32, then quantized again
             else:
-                in_dtype = plan.base.shards[shard].tensors[name].dtype
+                in_dtype = plan.base.shards[shard].tensors[out.source].dtype
             if (ops is None and dtype != in_dtype) or (ops is not None and not merge_numpy.handles(ops, in_dtype, dtype, shape)):
                 return True
     return False
@@ -76,20 +63,21 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
     """Write the merged `shard` of the base (file `src`) to `dst`; returns the bytes written.
     device: "cpu" or a torch device string."""
     header = plan.base.shards[shard]
-    entries = out_entries(plan, shard)
+    outputs = plan.outputs[shard]
     header.check_unchanged()  # the map below must be of the file the plan was made from
     with open(src, "rb") as fin, open(dst, "wb", buffering=0) as fout:
         source = _SourceMap(fin.fileno(), header.data_start)
         torch_state = _TorchState(device)
-        writer = StreamingSafetensorsWriter(fout, entries, header.metadata or {"format": "pt"}, allocate=torch_state.allocator())
+        writer = StreamingSafetensorsWriter(fout, out_entries(plan, shard), header.metadata or {"format": "pt"},
+                                            allocate=torch_state.allocator())
         work = merge_numpy.Workspace()
         requantized: dict[str, np.ndarray] = {}  # keep_quantized: a changed weight's other part, until written
         requantized_by = _requantized_by(plan)
         try:
-            for i, (name, dtype, shape) in enumerate(entries):
-                info = header.tensors[name]
-                if i + 1 < len(entries):
-                    source.prefetch(header.tensors[entries[i + 1][0]])
+            for i, out in enumerate(outputs):
+                name, dtype, shape, info = out.name, out.dtype, out.shape, header.tensors[out.source]
+                if i + 1 < len(outputs):
+                    source.prefetch(header.tensors[outputs[i + 1].source])
                 writer.begin(name)
                 ops = plan.ops.get(name)
                 requantize = requantized_by.get(name)
@@ -111,7 +99,7 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
                 else:
                     _merge_tensor(plan, ops, source.bytes(info), info.dtype, dtype, shape, writer, name, work, torch_state)
                 source.release(info)
-                if progress:
+                if progress and name == out.source:  # an untied head is its embedding read again
                     progress(info.end - info.start)
             writer.close()
             torch_state.verify()

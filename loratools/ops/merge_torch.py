@@ -1,6 +1,7 @@
 """Every merge with torch: one base tensor after the plan's ops, as PEFT's merge_and_unload
-computes it (W + s·B@A in float32, DoRA's renormalisation, KaSA's truncation, replaced rows,
-lora_bias), on CPU or a GPU. (Plain LoRA on CPU takes the torch-free merge_numpy.py.)
+computes it (W + s·B@A in float32 — float64 for a float64 base, as PEFT computes there —, DoRA's
+renormalisation, KaSA's truncation, replaced rows, lora_bias), on CPU or a GPU. (Plain LoRA on
+CPU takes the torch-free merge_numpy.py.)
 
 The base tensor may be a view of a read-only memory map: nothing here writes into it; every
 in-place step works on a copy. Results go to a `TensorOutput`, whose `store(value)` takes the
@@ -57,6 +58,7 @@ def tensor_from_bytes(raw: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...
 def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorOutput", dev: torch.device) -> None:
     """Store into `out` the base tensor after the plan's ops."""
     adapter = plan.adapter
+    work = compute_dtype(base.dtype)
     if ops.replace_key is not None:
         # PEFT loads a saved tensor into the existing parameter, i.e. in the base's dtype.
         base = adapter.tensor(ops.replace_key).to(base.dtype)
@@ -69,14 +71,14 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
         return
     low_rank = []  # (L, R, s): ΔW = s·L@R in the base tensor's own orientation
     for module in ops.modules:
-        a, b = (t.to(device=dev, dtype=torch.float32) for t in adapter.factors(module.path))
+        a, b = (t.to(device=dev, dtype=work) for t in adapter.factors(module.path))
         s = module.scaling * plan.scale
         if module.diag_key is not None:
-            diag = adapter.tensor(module.diag_key).to(device=dev, dtype=torch.float32)
+            diag = adapter.tensor(module.diag_key).to(device=dev, dtype=work)
             out.store(_kasa(_working_copy(base, dev), a, b * diag, s))
             return
         if module.magnitude_key is not None:
-            magnitude = adapter.tensor(module.magnitude_key).to(device=dev, dtype=torch.float32)
+            magnitude = adapter.tensor(module.magnitude_key).to(device=dev, dtype=work)
             out.store(dora_weight(_working_copy(base, dev), a, b, s, magnitude, module.layout))
             return
         # Conv1D (in, out) and Embedding (num, dim) hold ΔW transposed: (B@A).T = A.T @ B.T
@@ -84,7 +86,7 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
     if base.dim() == 1:  # a bias: lora_bias adds s·lora_B.bias
         w = _working_copy(base, dev)
         for module in ops.lora_biases:
-            w.add_(adapter.tensor(module.lora_bias_key).to(device=dev, dtype=torch.float32), alpha=module.scaling * plan.scale)
+            w.add_(adapter.tensor(module.lora_bias_key).to(device=dev, dtype=work), alpha=module.scaling * plan.scale)
         out.store(w)
         return
     if dev.type != "cpu":
@@ -93,12 +95,12 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
             w.addmm_(left, right, alpha=s)
         out.store(w)
         return
-    # CPU: row blocks, so the float32 working copy stays in cache and each byte of the base is
-    # read and written once. Same arithmetic: W + s·L@R in float32, rounded once into `out`.
+    # CPU: row blocks, so the working copy stays in cache and each byte of the base is read and
+    # written once. Same arithmetic: W + s·L@R in float32 (float64), rounded once into `out`.
     # The block is one reused buffer: a fresh allocation per block would be returned to the OS and
     # page-faulted in again every time, which costs more than the arithmetic.
-    rows_per_block = max(1, ROW_BLOCK_BYTES // (4 * max(1, base.shape[1])))
-    workspace = torch.empty((rows_per_block, base.shape[1]), dtype=torch.float32)
+    rows_per_block = max(1, ROW_BLOCK_BYTES // (work.itemsize * max(1, base.shape[1])))
+    workspace = torch.empty((rows_per_block, base.shape[1]), dtype=work)
     for start in range(0, base.shape[0], rows_per_block):
         stop = min(start + rows_per_block, base.shape[0])
         block = workspace[: stop - start]
@@ -108,16 +110,24 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
         out.store(block)
 
 
+def compute_dtype(base: torch.dtype) -> torch.dtype:
+    """What a base tensor is merged in: float32, or float64 for a float64 base (float32 would
+    lose its precision: PEFT's merge of a float64 model is float64 throughout)."""
+    return torch.float64 if base == torch.float64 else torch.float32
+
+
 def _working_copy(base: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """A float32 copy on the device that may be changed in place (the base may be a read-only map)."""
-    return base.to(device=dev, dtype=torch.float32, copy=True)
+    """A copy in the compute dtype on the device that may be changed in place (the base may be a
+    read-only map)."""
+    return base.to(device=dev, dtype=compute_dtype(base.dtype), copy=True)
 
 
 def _kasa(w: torch.Tensor, a: torch.Tensor, b_diag: torch.Tensor, s: float) -> torch.Tensor:
-    """PEFT's KaSA: the base loses its r smallest singular components, then ΔW = s·(B·diag(d))·A."""
-    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    """PEFT's KaSA: the base loses its r smallest singular components (an SVD in float32 whatever
+    the base, as PEFT's at load), then ΔW = s·(B·diag(d))·A."""
+    u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)
     keep = min(w.shape) - a.shape[0]
-    truncated = (u[:, :keep] * sv[:keep]) @ vh[:keep]
+    truncated = ((u[:, :keep] * sv[:keep]) @ vh[:keep]).to(w.dtype)
     return truncated.addmm_(b_diag, a, alpha=s)
 
 

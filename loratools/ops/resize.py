@@ -10,6 +10,7 @@ import torch
 
 from ..adapter import Adapter
 from ..config import with_module_ranks
+from ..report import Report
 from .lowrank import balanced_factors, check_rank_or_energy, factored_svd
 from .svd import energy_rank
 
@@ -57,20 +58,28 @@ def resize_adapter(adapter: Adapter, rank: int | None = None, energy: float | No
     return resized, report
 
 
-def resize_report(adapter: Adapter, out: str, modules: list[ResizedModule]) -> dict[str, Any]:
+@dataclass
+class ResizeReport(Report):
+    adapter: str
+    out: str
+    modules: list[ResizedModule]
+    summary: dict[str, Any]
+
+    def render(self) -> str:
+        s = self.summary
+        return (f"resized into {self.out}: {s['truncated']} of {s['modules']} modules truncated, LoRA parameters "
+                f"{s['lora_parameters_before']:,} -> {s['lora_parameters_after']:,}, lowest retained energy {s['min_retained_energy']:.4f}")
+
+
+def resize_report(adapter: Adapter, out: str, modules: list[ResizedModule]) -> ResizeReport:
     params_before = sum(adapter.modules[m.name].num_lora_params for m in modules)
     params_after = sum(
         m.new_rank * (adapter.modules[m.name].in_features + adapter.modules[m.name].out_features) for m in modules
     )
-    return {
-        "adapter": adapter.source,
-        "out": out,
-        "modules": [m.__dict__ for m in modules],
-        "summary": {
-            "modules": len(modules),
-            "truncated": sum(m.new_rank < m.old_rank for m in modules),
-            "lora_parameters_before": params_before,
-            "lora_parameters_after": params_after,
-            "min_retained_energy": min((m.retained_energy for m in modules), default=1.0),
-        },
-    }
+    return ResizeReport(adapter.source, out, modules, {
+        "modules": len(modules),
+        "truncated": sum(m.new_rank < m.old_rank for m in modules),
+        "lora_parameters_before": params_before,
+        "lora_parameters_after": params_after,
+        "min_retained_energy": min((m.retained_energy for m in modules), default=1.0),
+    })

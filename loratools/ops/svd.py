@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..adapter import Adapter
+from ..report import Report
 
 DEFAULT_THRESHOLDS = (0.9, 0.99)
-SCHEMA_VERSION = 1
 
 
 def threshold_key(t: float) -> str:
@@ -59,8 +60,45 @@ def module_spectra(adapter: Adapter, paths: Iterable[str] | None = None) -> dict
     return out
 
 
-def svd_report(adapter: Adapter, thresholds: Iterable[float] = DEFAULT_THRESHOLDS) -> dict[str, Any]:
-    """The `svd --json` report (schema in the README)."""
+@dataclass
+class SvdReport(Report):
+    adapter: str
+    architecture: str | None
+    dora: bool  # a DoRA adapter: the spectra are of its LoRA part s·B·A
+    thresholds: list[str]  # the energy levels, as the keys of energy_rank
+    modules: list[dict[str, Any]]  # per module: name, role, layer, shape, rank, scaling, singular values, ranks
+    summary: dict[str, Any]  # overall, by_role, by_layer, verdict
+
+    def render(self) -> str:
+        keys = self.thresholds
+        head = f"{'module':<44} {'role':<11} {'layer':>5} {'shape':>12} {'r':>4} {'sigma1':>10} {'eff.rank':>8} {'stable':>7}"
+        head += "".join(f" {'k@' + k:>7}" for k in keys)
+        lines = [head]
+        for m in self.modules:
+            shape = "x".join(map(str, m["shape"]))
+            layer = "-" if m["layer"] is None else str(m["layer"])
+            row = (
+                f"{m['name'][-44:]:<44} {m['role'] or '?':<11} {layer:>5} {shape:>12} {m['rank']:>4} "
+                f"{m['singular_values'][0]:>10.4g} {m['effective_rank']:>8.2f} {m['stable_rank']:>7.2f}"
+            )
+            lines.append(row + "".join(f" {m['energy_rank'][k]:>7}" for k in keys))
+        for title, groups in (("role", self.summary["by_role"]), ("layer", self.summary["by_layer"])):
+            lines.append("")
+            lines.append(f"{'by ' + title:<20} {'modules':>7} {'r':>6} {'eff.rank':>8} {'stable':>7}" + "".join(f" {'k@' + k:>7}" for k in keys))
+            for name, g in groups.items():
+                lines.append(
+                    f"{name:<20} {g['modules']:>7} {_fmt_rank(g['rank']):>6} {g['effective_rank']:>8.2f} {g['stable_rank']:>7.2f}"
+                    + "".join(f" {g['energy_rank'][k]:>7.1f}" for k in keys)
+                )
+        lines.append("")
+        if self.dora:
+            lines.append("note: DoRA adapter: these are the spectra of the LoRA part s·B·A; the magnitude vectors are not analysed")
+        lines.append(self.summary["verdict"])
+        return "\n".join(lines)
+
+
+def svd_report(adapter: Adapter, thresholds: Iterable[float] = DEFAULT_THRESHOLDS) -> SvdReport:
+    """Every module's spectrum and the ranks derived from it (the `svd --json` schema in the README)."""
     thresholds = tuple(thresholds)
     adapter.require_supported("analyse", analysis=True)
     spectra = module_spectra(adapter)
@@ -82,15 +120,14 @@ def svd_report(adapter: Adapter, thresholds: Iterable[float] = DEFAULT_THRESHOLD
                 "energy_rank": {threshold_key(t): energy_rank(sigma, t) for t in thresholds},
             }
         )
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "adapter": adapter.source,
-        "architecture": adapter.architecture,
-        "dora": any(m["dora"] for m in modules),
-        "thresholds": [threshold_key(t) for t in thresholds],
-        "modules": modules,
-        "summary": _summary(modules, thresholds),
-    }
+    return SvdReport(
+        adapter=adapter.source,
+        architecture=adapter.architecture,
+        dora=any(m["dora"] for m in modules),
+        thresholds=[threshold_key(t) for t in thresholds],
+        modules=modules,
+        summary=_summary(modules, thresholds),
+    )
 
 
 def _group_stats(group: list[dict], thresholds: tuple[float, ...]) -> dict[str, Any]:
@@ -142,36 +179,7 @@ def _fmt_rank(r: float) -> str:
     return f"{r:.0f}" if float(r).is_integer() else f"{r:.1f}"
 
 
-def render_svd(report: dict[str, Any]) -> str:
-    """The human-readable form of svd_report()."""
-    keys = report["thresholds"]
-    head = f"{'module':<44} {'role':<11} {'layer':>5} {'shape':>12} {'r':>4} {'sigma1':>10} {'eff.rank':>8} {'stable':>7}"
-    head += "".join(f" {'k@' + k:>7}" for k in keys)
-    lines = [head]
-    for m in report["modules"]:
-        shape = "x".join(map(str, m["shape"]))
-        layer = "-" if m["layer"] is None else str(m["layer"])
-        row = (
-            f"{m['name'][-44:]:<44} {m['role'] or '?':<11} {layer:>5} {shape:>12} {m['rank']:>4} "
-            f"{m['singular_values'][0]:>10.4g} {m['effective_rank']:>8.2f} {m['stable_rank']:>7.2f}"
-        )
-        lines.append(row + "".join(f" {m['energy_rank'][k]:>7}" for k in keys))
-    for title, groups in (("role", report["summary"]["by_role"]), ("layer", report["summary"]["by_layer"])):
-        lines.append("")
-        lines.append(f"{'by ' + title:<20} {'modules':>7} {'r':>6} {'eff.rank':>8} {'stable':>7}" + "".join(f" {'k@' + k:>7}" for k in keys))
-        for name, g in groups.items():
-            lines.append(
-                f"{name:<20} {g['modules']:>7} {_fmt_rank(g['rank']):>6} {g['effective_rank']:>8.2f} {g['stable_rank']:>7.2f}"
-                + "".join(f" {g['energy_rank'][k]:>7.1f}" for k in keys)
-            )
-    lines.append("")
-    if report["dora"]:
-        lines.append("note: DoRA adapter: these are the spectra of the LoRA part s·B·A; the magnitude vectors are not analysed")
-    lines.append(report["summary"]["verdict"])
-    return "\n".join(lines)
-
-
-def plot_spectra(report: dict[str, Any], path: str, force: bool = False) -> None:
+def plot_spectra(report: SvdReport, path: str, force: bool = False) -> None:
     """Normalised spectra (σ_i/σ_1) per role, mean over that role's modules, on a log scale."""
     from ..errors import UnsupportedError
 
@@ -183,7 +191,7 @@ def plot_spectra(report: dict[str, Any], path: str, force: bool = False) -> None
     except ImportError:
         raise UnsupportedError("--plot needs matplotlib: pip install 'loratools[plot]'") from None
     by_role: dict[str, list[list[float]]] = defaultdict(list)
-    for m in report["modules"]:
+    for m in report.modules:
         s1 = m["singular_values"][0]
         if s1 > 0:
             by_role[m["role"] or "unknown"].append([x / s1 for x in m["singular_values"]])
@@ -195,7 +203,7 @@ def plot_spectra(report: dict[str, Any], path: str, force: bool = False) -> None
     ax.set_yscale("log")
     ax.set_xlabel("singular value index")
     ax.set_ylabel("σ_i / σ_1 (mean over modules)")
-    ax.set_title(f"ΔW spectra by role: {report['adapter']}")
+    ax.set_title(f"ΔW spectra by role: {report.adapter}")
     ax.legend(fontsize="small")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

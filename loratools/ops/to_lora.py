@@ -26,6 +26,7 @@ from ..arch import Layout
 from ..config import with_module_ranks
 from ..errors import UnsupportedError, UsageError
 from ..formats.checkpoint import Checkpoint
+from ..report import Report
 from .basemap import BaseNameMapper, adapter_for_base
 from .dequant import read_float32
 from .extract import DEFAULT_MAX_RANK, SEED, low_rank_factors
@@ -43,10 +44,23 @@ class DoraModule:
 
 
 @dataclass
-class ToLoraReport:
+class ToLoraReport(Report):
+    adapter: str
+    out: str
     modules: int
     rescaled: list[str] = field(default_factory=list)  # plain modules whose scaling was not already 1
     dora: list[DoraModule] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"converted to plain LoRA (scaling 1 in every module) into {self.out}: {self.modules} modules, "
+                 f"{len(self.rescaled)} with their scaling folded into B"]
+        if self.dora:
+            worst = max(self.dora, key=lambda m: m.relative_error)
+            lines.append(f"{len(self.dora)} DoRA modules as rank-{'/'.join(sorted({str(m.rank) for m in self.dora}))} LoRA; "
+                         f"largest relative error ‖ΔW−ΔW_K‖/‖ΔW‖ {worst.relative_error:.3g} ({worst.name})")
+            lines += [f"  {m.name:<48} rank {m.rank:<5} energy kept {m.retained_energy:.6f}  error {m.relative_error:.3g}"
+                      for m in self.dora]
+        return "\n".join(lines)
 
 
 def to_plain_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | None = None, energy: float | None = None,
@@ -70,7 +84,7 @@ def to_plain_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | 
         adapter = adapter_for_base(base, adapter)
     tensors = adapter.state_dict()
     ranks: dict[str, tuple[int, float]] = {}
-    report = ToLoraReport(len(adapter.modules))
+    report = ToLoraReport(adapter.source, "", len(adapter.modules))
     mapper = BaseNameMapper(base, adapter) if doras else None
     generator = torch.Generator().manual_seed(SEED)
     for path, module in adapter.modules.items():

@@ -22,6 +22,7 @@ from ..formats.json_text import parse_json
 from ..formats.adalora import is_adalora
 from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME, read_adalora
 from ..formats.tensors import SafetensorsStore, TensorStore, load_pickled_tensors, raw_values
+from ..report import Report
 
 ERROR, WARNING = "error", "warning"
 
@@ -51,6 +52,7 @@ class Finding:
 class Result:
     adapter: str
     findings: list[Finding]
+    serving: dict | None = None  # with a target: what serving it needs (ops/serving.py check_target)
 
     @property
     def errors(self) -> int:
@@ -66,7 +68,7 @@ class Result:
 
 def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None, target: str | None = None) -> Result:
     """Every check on one adapter (a directory, or a file of it: its directory is checked).
-    target: "vllm" or "llama.cpp" adds what that runtime refuses or serves differently."""
+    target: "vllm", "vllm@VERSION", "sglang" or "llama.cpp" adds what that runtime refuses or serves differently."""
     findings: list[Finding] = []
     add = lambda code, severity, message, module=None: findings.append(Finding(code, severity, module, message))  # noqa: E731
     path = Path(adapter_path)
@@ -98,7 +100,7 @@ def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None, ta
     if target is not None:
         from .serving import check_target
 
-        check_target(adapter, target, add, ERROR, WARNING)
+        return Result(str(adapter_path), findings, check_target(adapter, target, add, ERROR, WARNING))
     return Result(str(adapter_path), findings)
 
 
@@ -296,37 +298,50 @@ def validate_guarded(path: str | os.PathLike, base: Checkpoint | None = None, ta
         return Result(str(path), [Finding("internal-error", ERROR, None, f"unexpected {type(exc).__name__}: {first}")])
 
 
-def report(results: list[Result], strict: bool = False, base: Checkpoint | None = None) -> dict[str, Any]:
-    """The `validate --json` document (schema in the README)."""
-    from .base_report import base_summary
+@dataclass
+class ValidateReport(Report):
+    results: list[Result]
+    strict: bool = False  # warnings fail too
+    base: Checkpoint | None = None  # checked against this base
 
-    return {
-        "base": base_summary(base) if base is not None else None,
-        "results": [
-            {"adapter": r.adapter, "ok": r.ok(strict), "findings": [asdict(f) for f in r.findings]} for r in results
-        ],
-        "summary": {
-            "adapters": len(results),
-            "ok": sum(r.ok(strict) for r in results),
-            "failed": sum(not r.ok(strict) for r in results),
-            "errors": sum(r.errors for r in results),
-            "warnings": sum(r.warnings for r in results),
-            "strict": strict,
-        },
-    }
+    @property
+    def ok(self) -> bool:
+        return all(r.ok(self.strict) for r in self.results)
 
+    def _json(self) -> dict[str, Any]:
+        from .base_report import base_summary
+        from .serving import serving_set
 
-def render(results: list[Result], strict: bool = False, base: Checkpoint | None = None) -> str:
-    from .base_report import base_summary, render_base
+        return {
+            "base": base_summary(self.base) if self.base is not None else None,
+            "results": [
+                {"adapter": r.adapter, "ok": r.ok(self.strict), "findings": [asdict(f) for f in r.findings]} for r in self.results
+            ],
+            "summary": {
+                "adapters": len(self.results),
+                "ok": sum(r.ok(self.strict) for r in self.results),
+                "failed": sum(not r.ok(self.strict) for r in self.results),
+                "errors": sum(r.errors for r in self.results),
+                "warnings": sum(r.warnings for r in self.results),
+                "strict": self.strict,
+            },
+            "serving": serving_set(r.serving for r in self.results),
+        }
 
-    lines = [render_base(base_summary(base))] if base is not None else []
-    for r in results:
-        status = "ok" if r.ok(strict) else "FAIL"
-        counts = f"{r.errors} error(s), {r.warnings} warning(s)"
-        lines.append(f"{status:<5}{r.adapter}: {counts}")
-        for severity in (ERROR, WARNING):
-            for f in (f for f in r.findings if f.severity == severity):
-                lines.append(f"  {severity:<8}{f.code:<22}{f.message}")
-    ok = sum(r.ok(strict) for r in results)
-    lines.append(f"{ok} of {len(results)} adapter(s) valid{' (strict: warnings fail)' if strict else ''}")
-    return "\n".join(lines)
+    def render(self) -> str:
+        from .base_report import base_summary, render_base
+        from .serving import render_serving, serving_set
+
+        lines = [render_base(base_summary(self.base))] if self.base is not None else []
+        for r in self.results:
+            status = "ok" if r.ok(self.strict) else "FAIL"
+            counts = f"{r.errors} error(s), {r.warnings} warning(s)"
+            lines.append(f"{status:<5}{r.adapter}: {counts}")
+            for severity in (ERROR, WARNING):
+                for f in (f for f in r.findings if f.severity == severity):
+                    lines.append(f"  {severity:<8}{f.code:<22}{f.message}")
+        serving = serving_set(r.serving for r in self.results)
+        lines += [render_serving(serving)] if serving else []
+        ok = sum(r.ok(self.strict) for r in self.results)
+        lines.append(f"{ok} of {len(self.results)} adapter(s) valid{' (strict: warnings fail)' if self.strict else ''}")
+        return "\n".join(lines)
