@@ -101,13 +101,14 @@ def validate(
 ) -> ValidateReport:
     """Check adapter files (directories, or files in them: each directory once) without loading a
     model; every problem is a finding with a stable code. base: also check against this checkpoint;
-    target: "vllm" or "llama.cpp", also what that runtime refuses. report.ok (and exit_code) is the
+    target: "vllm" (the newest release known), "vllm@VERSION", "sglang" or "llama.cpp", also what
+    that runtime refuses or serves differently, and what serving the adapters together needs. report.ok (and exit_code) is the
     verdict: no errors, and with strict=True no warnings either."""
-    from .ops.choices import TARGETS
     from .ops.validate import ValidateReport, validate_many
+    from .runtimes import resolve as resolve_target
 
-    if target is not None and target not in TARGETS:
-        raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if target is not None:
+        resolve_target(target)  # a UsageError naming the accepted forms, before any adapter is read
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
     checkpoint = _open_base(base) if base is not None else None

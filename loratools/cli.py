@@ -18,7 +18,7 @@ import click
 from .arch import CONVERT_SCHEMES
 from .arch.gguf import GGUF_ARCHS
 from .errors import LoraToolsError
-from .ops.choices import COMBINE_METHODS, DTYPES, EMBEDDING_MODES, MAJORITY_SIGNS, TARGETS
+from .ops.choices import COMBINE_METHODS, DTYPES, EMBEDDING_MODES, MAJORITY_SIGNS
 
 
 class _Terminated(KeyboardInterrupt):
@@ -215,7 +215,8 @@ def resize(adapter, out, rank, energy, force, as_json) -> None:
 @main.command()
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--base", help="Also check against this base checkpoint (headers only).")
-@click.option("--target", type=click.Choice(TARGETS), help="Also check what this serving runtime refuses or serves differently.")
+@click.option("--target", metavar="vllm[@VERSION]|sglang|llama.cpp",
+              help="Also check what this serving runtime (at this release) refuses or serves differently, and what serving the ADAPTERS together needs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (schema in the README).")
 @click.option("--strict", is_flag=True, help="Warnings fail too.")
 def validate(adapters, base, target, as_json, strict) -> None:

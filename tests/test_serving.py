@@ -422,3 +422,12 @@ def test_dora_to_lora_needs_the_base(tmp_path):
     assert_clean_error(run_cli("convert", ADAPTERS / "llama-basic", tmp_path / "o", "--to-lora", "--rank", "2"),
                        "for DoRA adapters", code=2)
     assert not (tmp_path / "o").exists()
+
+
+def test_target_forms_reach_the_command():
+    """The CLI passes any --target form to the library: sglang and vllm@VERSION are accepted,
+    an unknown runtime is a usage error naming the forms."""
+    adapter = ADAPTERS / "llama-basic"
+    assert run_cli("validate", adapter, "--target", "sglang").returncode == 0
+    assert run_cli("validate", adapter, "--target", "vllm@0.31.0").returncode == 0
+    assert_clean_error(run_cli("validate", adapter, "--target", "tgi"), "vllm@VERSION", "sglang", code=2)

@@ -13,4 +13,3 @@ MAJORITY_SIGNS = ("total", "frequency")  # combine --majority-sign (ties, dare_t
 
 EMBEDDING_MODES = ("lora", "save", "skip")  # extract --embeddings: LoRA, stored whole, left out
 
-TARGETS = ("vllm", "llama.cpp")  # validate --target: the serving runtimes checked
