@@ -157,10 +157,11 @@ MUTATIONS = {
     "shape": st.tuples(st.just("shape"), st.sampled_from(SOURCE_KEYS), st.lists(st.integers(0, 20), min_size=1, max_size=3).map(tuple),
                        values),
     # a trained tensor times a factor up to and past where float16, bfloat16 and float32 overflow
-    "scale": st.tuples(st.just("scale"), st.sampled_from(SOURCE_KEYS), st.sampled_from([1e2, 1e3, 1e4, 3e4, 1e5, 1e15, 1e19, 1e20, 1e30, -1e35, 1e38])),
+    "scale": st.tuples(st.just("scale"), st.sampled_from(SOURCE_KEYS),
+                       st.sampled_from([1e2, 1e3, 1e4, 3e4, 1e5, 1e15, 1e19, 1e20, 1e30, -1e35, 1e38])),
 }
 # One to three mutations of config, tensor names, shapes, dtypes and values, as plain tuples (so
-# that what a run finds can be pinned below as it is printed).
+# that what a run finds can be pinned below as hypothesis prints it).
 mutation_lists = st.lists(st.sampled_from(["config", "config", "add", "drop", "value", "value", "shape", "scale", "scale"])
                           .flatmap(MUTATIONS.__getitem__), min_size=1, max_size=3)
 
