@@ -220,7 +220,7 @@ def cast_base(tmp_path_factory):
         if (family, code) not in made:
             path = tmp_path_factory.mktemp(f"{family}-{code}") / "base"
             shutil.copytree(BASES / family, path, ignore=shutil.ignore_patterns("*.safetensors"))
-            dtype = {"BF16": torch.bfloat16, "F16": torch.float16}[code]
+            dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[code]
             weights = load_file(str(BASES / family / "model.safetensors"))
             save_file({k: v.to(dtype) for k, v in weights.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
             made[family, code] = path
@@ -318,6 +318,8 @@ def test_overflowing_merges_are_refused_by_validate_and_merge_alike(tmp_path, ca
     ("llama-basic", "llama", "F16", {"lora_B.weight": 2e4}),  # |ΔW| bound past 65504, the values not
     ("gpt2-lora-bias", "gpt2", "F32", {"lora_B.bias": 1e38}),
     ("llama-dora", "llama", "F16", {}),
+    ("llama-basic", "llama", "F64", BOTH_HUGE),  # ΔW ~ 1e60: beyond float32, finite in the float64 merge
+    ("llama-dora", "llama", "F64", BOTH_HUGE),
 ])
 def test_large_but_finite_merges_pass_both(tmp_path, cast_base, fixture, family, dtype, factors):
     result, refusal = _validate_and_merge(tmp_path, cast_base(family, dtype), *_scaled(fixture, factors))

@@ -169,7 +169,9 @@ class FiniteChecks:
         if not values.is_floating_point() or values.numel() == 0:
             return
         # min and max propagate NaN and show ±Inf: one fast reduction (isfinite is ~15x slower)
-        low_high = torch.stack(torch.aminmax(values)).float()
+        # (in float64 when the values are: a float64 value beyond float32's range is finite)
+        low_high = torch.stack(torch.aminmax(values))
+        low_high = low_high if low_high.dtype == torch.float64 else low_high.float()
         if values.device.type == "cpu":
             self._verify(name, low_high.tolist(), values.dtype)
         else:
