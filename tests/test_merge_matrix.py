@@ -426,11 +426,11 @@ def check_fp8_kept(base: Base, name: str, codes: torch.Tensor, scales: torch.Ten
 # ---- running the matrix ---------------------------------------------------------------------
 
 
-# The merges run through the library (loratools.merge) in lean processes, one per core (at most
-# 4), started once, that import loratools only: each merge forks its workers, and forking this
-# test process (torch, transformers, PEFT and the models loaded) costs several times the merge
-# of a tiny model. Each adapter is loaded once per process (reading it costs a tenth of a tiny
-# merge), and torch runs one thread in each: on tiny matrices its thread pool costs 40x the work.
+# The merges run through the library (loratools.merge) in lean processes (one per core, up to 4) that import
+# loratools only, started once: each merge forks its workers, and forking this test process
+# (torch, transformers, PEFT and the models loaded) costs several times the merge of a tiny model.
+# Each adapter is loaded once per process (reading it is a tenth of a tiny merge), and torch
+# runs one thread in each: on tiny matrices its thread pool costs 40x the work.
 DRIVER = """
 import json, sys
 import loratools
@@ -455,15 +455,17 @@ for line in sys.stdin:
 """
 
 
+DRIVER_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
     logs = tmp_path_factory.mktemp("drivers")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     procs = []
     for i in range(max(1, min(4, len(os.sched_getaffinity(0))))):
         with open(logs / f"{i}.log", "w") as log:
             procs.append((subprocess.Popen([sys.executable, "-c", DRIVER, CRASH], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                           stderr=log, text=True, env=env), logs / f"{i}.log"))
+                                           stderr=log, text=True, env=DRIVER_ENV), logs / f"{i}.log"))
     yield procs
     for proc, _ in procs:
         proc.stdin.close()
@@ -492,7 +494,7 @@ def read_all(path: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_option_combination_is_exact_or_refused(inputs, drivers, kind, layout, tmp_path):
     """4 adapter cases × 4 dtypes × keep_quantized × 3 scales × 2 worker counts on this base
-    (192 combinations); the output with 2 workers is byte-identical to 1 worker's."""
+    (192 merges); the output with 2 workers is byte-identical to 1 worker's."""
     base = read_base(inputs.bases[kind, layout], inputs.bases[kind, "dir"])
     combos = [Combination(kind, layout, *options) for options in itertools.product(CASES, DTYPES, KEEP, SCALES, WORKERS)]
     assert len(combos) == 192 and [c.workers for c in combos[:2]] == [1, 2]
