@@ -17,6 +17,7 @@ from loratools.formats.safetensors_header import read_header
 
 from tests.conftest import assert_clean_error, run_cli
 from tests.test_merge import _digest, merged_tensors
+from tests.test_real_world import peft_adapter
 
 # family -> (config fields, LoRA targets, the token embedding as saved by transformers)
 FAMILIES = {
@@ -43,22 +44,10 @@ def tied_lm(family: str):
     return model
 
 
-def trained_adapter(tmp_path, family: str, max_shard_size=None, **lora):
+def trained_adapter(tmp_path, family: str, **lora):
     """The tied base saved, then a PEFT adapter on it whose every trained weight is randomised."""
-    from peft import LoraConfig, get_peft_model
-
-    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
-    model = tied_lm(family)
-    model.save_pretrained(str(base_dir), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     lora.setdefault("target_modules", FAMILIES[family][1])
-    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **lora))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.add_(torch.randn_like(param) * 0.3)
-    peft.save_pretrained(str(adapter_dir))
-    return base_dir, adapter_dir
+    return peft_adapter(tmp_path, lambda: tied_lm(family), trained=("lora_", "modules_to_save"), init_lora_weights=False, **lora)
 
 
 def adapter_keys(adapter_dir) -> set[str]:
@@ -155,7 +144,9 @@ def test_lora_on_a_tied_head_changes_the_head_alone(tmp_path, family):
 def test_untied_head_in_a_sharded_base(tmp_path):
     """The head goes into the embedding's shard, after it; the index lists it there and counts
     its bytes; any number of workers writes the same files."""
-    base_dir, adapter_dir = trained_adapter(tmp_path, "llama", max_shard_size="4KB", modules_to_save=["lm_head"])
+    base_dir, adapter_dir = trained_adapter(tmp_path, "llama", modules_to_save=["lm_head"])
+    tied_lm("llama").save_pretrained(str(base_dir), max_shard_size="4KB")  # the same base, in shards
+    (base_dir / "model.safetensors").unlink(missing_ok=True)
     index = json.loads((base_dir / "model.safetensors.index.json").read_text())
     shard = index["weight_map"]["model.embed_tokens.weight"]
     assert len(set(index["weight_map"].values())) > 2 and shard != sorted(index["weight_map"].values())[-1]

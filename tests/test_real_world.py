@@ -26,8 +26,9 @@ def tied_llama():
     return tf.LlamaForCausalLM(cfg).eval()
 
 
-def peft_adapter(tmp_path, build, seed: int = 1, **config):
-    """Save a fresh base, then a PEFT adapter trained on it (every adapter weight randomised)."""
+def peft_adapter(tmp_path, build, seed: int = 1, trained=("lora_", "trainable_tokens"), **config):
+    """Save a fresh base, then a PEFT adapter trained on it (every adapter weight whose name has
+    one of `trained` in it randomised)."""
     from peft import LoraConfig, get_peft_model
 
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
@@ -37,7 +38,7 @@ def peft_adapter(tmp_path, build, seed: int = 1, **config):
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in peft.named_parameters():
-            if "lora_" in name or "trainable_tokens" in name:
+            if any(part in name for part in trained):
                 param.add_(torch.randn_like(param) * 0.3)
     peft.save_pretrained(str(adapter_dir))
     return base_dir, adapter_dir
