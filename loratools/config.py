@@ -14,17 +14,25 @@ from functools import lru_cache
 from typing import Any
 
 from .errors import ConfigError, InputNotFoundError, LoraToolsError, UnsupportedError
-from .formats.json_text import parse_json
+from .formats.json_text import read_json_file
 
 CONFIG_NAME = "adapter_config.json"
 
 
 def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite float, or an int a float can hold (JSON allows 4000-digit integers)."""
+    try:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+# Ranks are tensor dimensions (int64); a larger "rank" could not even be converted to a float.
+MAX_RANK = (1 << 63) - 1
 
 
 def is_positive_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+    return isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_RANK
 
 
 # Patterns come from files users download: bound how many there are, how long each is, and how
@@ -339,17 +347,9 @@ def read_config(path: str | os.PathLike) -> AdapterConfig:
 def read_raw_config(path: str | os.PathLike) -> Any:
     """adapter_config.json parsed (not yet checked)."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise InputNotFoundError(f"{path}: no {CONFIG_NAME} (an adapter directory needs one)") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory") from None
-    try:
-        return parse_json(data)
-    except ValueError as exc:
-        raise ConfigError(f"{CONFIG_NAME}: not valid JSON ({exc})", code="config-json") from None
+    if not os.path.lexists(path):
+        raise InputNotFoundError(f"{path}: no {CONFIG_NAME} (an adapter directory needs one)")
+    return read_json_file(path, error=ConfigError, code="config-json")
 
 
 def config_json(raw: dict[str, Any]) -> str:

@@ -72,3 +72,14 @@ class HubError(LoraToolsError, OSError):
     """A Hub repo id could not be resolved to local files."""
 
     code = "hub"
+
+
+class DiskError(LoraToolsError, OSError):
+    """A file could not be read or written (a full or failing disk, permissions, a file-size limit);
+    `errno` is the system's, when there is one."""
+
+    code = "io-error"
+
+    def __init__(self, message: str = "", *, code: str | None = None, errnum: int | None = None):
+        super().__init__(message, code=code)
+        self.errno = errnum

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import HubError, InputNotFoundError
+from .errors import HubError, InputNotFoundError, LoraToolsError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -76,11 +76,9 @@ def local_model_type(name: str | None) -> str | None:
             if not isinstance(cached, str):
                 return None
             config = Path(cached)
-        if config.stat().st_size > 10_000_000:
-            return None
-        from .formats.json_text import parse_json
+        from .formats.json_text import read_json_file
 
-        model_type = parse_json(config.read_bytes()).get("model_type")
-    except (OSError, ValueError, AttributeError, TypeError):
+        model_type = read_json_file(config).get("model_type")
+    except (LoraToolsError, OSError, ValueError, AttributeError, TypeError):
         return None
     return model_type if isinstance(model_type, str) else None

@@ -30,6 +30,8 @@ PEFT_TYPE = "ADALORA"
 # AdaLoRA's own config fields: its schedule, and rank_pattern in its mask format.
 ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
                   "rank_pattern")
+# rank_pattern holds a list of init_r booleans per module, and PEFT computes with float32(init_r).
+MAX_INIT_R = 1 << 24
 _PART = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[ABE])$")
 
 
@@ -41,12 +43,20 @@ def adalora_problems(raw: dict, store: TensorStore) -> list[LoraToolsError]:
     """What makes the file not an AdaLoRA adapter PEFT would load (each with a code)."""
     problems: list[LoraToolsError] = []
     init_r = raw.get("init_r", 12)
-    if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r < 1:
-        return [ConfigError(f"AdaLoRA init_r must be a positive integer, got {init_r!r}", code="adalora-config")]
+    if not isinstance(init_r, int) or isinstance(init_r, bool) or not 1 <= init_r <= MAX_INIT_R:
+        return [ConfigError(f"AdaLoRA init_r must be a positive integer (at most {MAX_INIT_R}), got {init_r!r}",
+                            code="adalora-config")]
     masks = raw.get("rank_pattern") or {}
     if not isinstance(masks, dict) or not all(isinstance(m, list) and all(isinstance(x, bool) for x in m) for m in masks.values()):
         return [ConfigError("AdaLoRA rank_pattern must map `<module>.lora_E` to lists of booleans", code="adalora-config")]
-    for path, parts in _modules(store).items():
+    modules = _modules(store)
+    for key in masks:
+        path = key.removesuffix(".lora_E")
+        if path == key or path not in modules:  # PEFT looks each masked module up in the model to resize it, and fails
+            problems.append(ShapeError(f"rank_pattern has a mask for {key[:200]!r}, but the file has no AdaLoRA module "
+                                       f"{path[:200]!r} (keys are `<module>.lora_E` of saved modules); PEFT cannot "
+                                       "load it", code="adalora-rank"))
+    for path, parts in modules.items():
         if set(parts) != {"A", "B", "E"}:
             problems.append(ShapeError(f"module {path}: AdaLoRA needs lora_A, lora_B and lora_E, has "
                                        f"{', '.join('lora_' + p for p in sorted(parts))}", code="adalora-shape"))

@@ -6,6 +6,8 @@
 - Whether an existing output may be replaced is decided when the output is moved into place, not
   when the work starts: without `force`, an output that appeared meanwhile (another run, another
   user) is left alone and this run fails; with `force`, the swap is one atomic rename.
+- A write that fails (a full disk, a file-size limit, a read-only filesystem) is one line,
+  `no-space` or `write-error`, and the temporary is removed.
 - Inputs are never outputs: every writing command refuses an output that is, contains, or sits
   inside one of its inputs (`refuse_overlap`).
 """
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import LoraToolsError, OutputExistsError, UsageError
+from ..errors import DiskError, LoraToolsError, OutputExistsError, UsageError
 
 
 def check_output(out: str | os.PathLike, force: bool) -> Path:
@@ -54,13 +56,14 @@ def atomic_dir(out: str | os.PathLike, force: bool = False, mode: int | None = N
     """Yield an empty temporary directory beside `out`; on success it becomes `out` (with `mode`,
     default: as mkdir would make it)."""
     out = check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _made(out, lambda: out.parent.mkdir(parents=True, exist_ok=True))
     remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
+    tmp = _made(out, lambda: Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent)))
     try:
-        os.chmod(tmp, default_mode(True) if mode is None else mode)
-        yield tmp
-        _commit(tmp, out, force)
+        with _write_errors(out):
+            os.chmod(tmp, default_mode(True) if mode is None else mode)
+            yield tmp
+            _commit(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -72,18 +75,50 @@ def atomic_file(out: str | os.PathLike, force: bool = False, mode: int | None = 
     out = check_output(out, force)
     if out.is_dir():
         raise OutputExistsError(f"{out}: is a directory; the output of a single-file input is a file")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _made(out, lambda: out.parent.mkdir(parents=True, exist_ok=True))
     remove_stale_temps(out)
-    fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
+    fd, name = _made(out, lambda: tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent))
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, default_mode(False) if mode is None else mode)
-        yield tmp
-        _commit(tmp, out, force)
+        with _write_errors(out):
+            os.chmod(tmp, default_mode(False) if mode is None else mode)
+            yield tmp
+            _commit(tmp, out, force)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# ---- write errors -------------------------------------------------------------------------------
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_error(out: str | os.PathLike, detail: str, errnum: int | None = None) -> DiskError:
+    """A failed write as one line: `no-space` for a full disk or quota, else `write-error` (an
+    OSError too, for library callers)."""
+    no_space = errnum in _NO_SPACE or any(f"os error {e})" in detail for e in _NO_SPACE)  # Rust's io::Error text
+    return DiskError(f"{out}: {detail}; nothing was written", code="no-space" if no_space else "write-error", errnum=errnum)
+
+
+def _made(out: Path, make):
+    try:
+        return make()
+    except OSError as exc:
+        raise write_error(out, f"cannot be created ({exc.strerror or exc})", exc.errno) from None
+
+
+@contextmanager
+def _write_errors(out: Path) -> Iterator[None]:
+    """An OSError while writing (a full or failing disk, EFBIG, EROFS) becomes one line."""
+    try:
+        yield
+    except LoraToolsError:
+        raise
+    except OSError as exc:
+        where = f" ({os.path.basename(exc.filename)})" if isinstance(exc.filename, str) else ""
+        raise write_error(out, f"writing failed: {exc.strerror or exc}{where}", exc.errno) from None
 
 
 def _temp_prefix(out: Path) -> str:
@@ -129,7 +164,8 @@ def preallocate(fd: int, size: int, name: str) -> None:
     disk without room for the output fails here, before any work, with a clear message."""
     err = _fallocate(fd, size) if size > 0 else 0
     if err in (errno.ENOSPC, errno.EDQUOT):
-        raise LoraToolsError(f"{name}: not enough disk space for the output ({size:,} bytes); nothing was written", code="no-space")
+        raise DiskError(f"{name}: not enough disk space for the output ({size:,} bytes); nothing was written", code="no-space",
+                        errnum=err)
     # other errors (EOPNOTSUPP...): a filesystem without fallocate is written the ordinary way
 
 

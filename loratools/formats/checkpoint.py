@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, FormatError, InputNotFoundError
-from .json_text import parse_json
+from .files import not_a_file
+from .json_text import read_json_file
 from .quantized import QuantizedWeight, companions, find_quantized
 from .safetensors_header import Header, TensorInfo, read_header
 from .tensors import SafetensorsStore
@@ -69,9 +71,11 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         header = read_header(path)
         return _with_quantization(Checkpoint(path, True, {path.name: header}, {name: path.name for name in header.tensors}))
     if not path.is_dir():
+        if path.exists():
+            raise not_a_file(str(path), os.stat(path).st_mode)
         raise InputNotFoundError(f"{path}: no such file or directory")
-    config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
-    if (path / INDEX_NAME).is_file():
+    config = _read_json(path / "config.json") if _present(path / "config.json") else None
+    if _present(path / INDEX_NAME):
         index = _read_json(path / INDEX_NAME)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -80,7 +84,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         for shard in dict.fromkeys(weight_map.values()):
             if os.path.isabs(shard) or ".." in Path(shard).parts:
                 raise ConfigError(f"{INDEX_NAME}: shard path {shard!r} points outside the checkpoint")
-            if not (path / shard).is_file():
+            if not _present(path / shard):
                 raise InputNotFoundError(f"{path / shard}: shard listed in {INDEX_NAME} is missing")
             shards[shard] = read_header(path / shard)
         for name, shard in weight_map.items():
@@ -91,7 +95,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         full_map.update(weight_map)
         used = {INDEX_NAME, *shards}
         checkpoint = Checkpoint(path, False, shards, full_map, index=index, config=config)
-    elif (path / SINGLE_NAME).is_file():
+    elif _present(path / SINGLE_NAME):
         header = read_header(path / SINGLE_NAME)
         used = {SINGLE_NAME}
         checkpoint = Checkpoint(path, False, {SINGLE_NAME: header}, {n: SINGLE_NAME for n in header.tensors}, config=config)
@@ -115,21 +119,48 @@ def _with_quantization(checkpoint: Checkpoint) -> Checkpoint:
     return checkpoint
 
 
+def _new_dir(path: str, seen: set) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if (st.st_dev, st.st_ino) in seen:
+        return False
+    seen.add((st.st_dev, st.st_ino))
+    return True
+
+
+def _present(path: Path) -> bool:
+    """There is something at `path` (the readers refuse what is not a regular file, by name)."""
+    return path.exists() or path.is_symlink()
+
+
 def _files(root: Path) -> list[str]:
+    """Every file under `root` (merge copies them into OUT): a FIFO, a device or a dangling symlink
+    among them is refused here, as copying one would block, never end, or fail half-way. Symlinked
+    directories are followed (the Hub cache), each directory once: a link to its own parent is no loop."""
     out = []
+    seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .git, .cache
+        st = os.stat(dirpath)
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and _new_dir(os.path.join(dirpath, d), seen))
         for name in sorted(filenames):
-            if not name.startswith("."):
-                out.append(os.path.relpath(os.path.join(dirpath, name), root))
+            if name.startswith("."):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                mode = os.stat(full).st_mode
+            except OSError:
+                raise InputNotFoundError(f"{full}: a dangling symlink in the checkpoint (its target is gone)") from None
+            if not stat.S_ISREG(mode):
+                raise not_a_file(full, mode)
+            out.append(os.path.relpath(full, root))
     return out
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        obj = parse_json(path.read_bytes())
-    except ValueError as exc:
-        raise ConfigError(f"{path.name}: not valid JSON ({exc})") from None
+    obj = read_json_file(path, error=ConfigError)
     if not isinstance(obj, dict):
         raise ConfigError(f"{path.name}: expected a JSON object")
     return obj

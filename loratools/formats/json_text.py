@@ -2,13 +2,18 @@
 
 json.loads raises more than JSONDecodeError on hostile input: a 5000-digit integer exceeds
 Python's int-conversion limit (ValueError) and 100k nested brackets exhaust the stack
-(RecursionError). Every one of those is a broken file, reported as such.
+(RecursionError). Every one of those is a broken file, reported as such. Files are read through
+read_json_file, which reads only regular files of bounded size (formats/files.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
+
+from ..errors import FormatError, LoraToolsError
+from .files import MAX_JSON_BYTES, read_capped
 
 
 def parse_json(data: bytes | str) -> Any:
@@ -25,3 +30,17 @@ def parse_json(data: bytes | str) -> Any:
         raise ValueError("nested too deeply") from None
     except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
         raise ValueError(str(exc).split(";")[0]) from None
+
+
+def read_json_file(path, *, error: type[LoraToolsError] = FormatError, code: str | None = None,
+                   limit: int = MAX_JSON_BYTES) -> Any:
+    """The parsed JSON of file `path`: the one way loratools reads a JSON file from disk.
+
+    Only a regular file of at most `limit` bytes is read (files.read_capped: `not-a-file`,
+    `too-large`, `io-error`, `not-found`); content that is not JSON raises `error` with `code`,
+    as `<name>: not valid JSON (<reason>)`."""
+    data = read_capped(path, limit, "a JSON file")
+    try:
+        return parse_json(data)
+    except ValueError as exc:
+        raise error(f"{os.path.basename(os.fspath(path))}: not valid JSON ({exc})", code=code) from None

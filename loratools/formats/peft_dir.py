@@ -10,8 +10,8 @@ from ..adapter import Adapter
 from ..config import CONFIG_NAME, AdapterConfig, config_json, read_raw_config
 from ..errors import FormatError, InputNotFoundError
 from .adalora import PEFT_TYPE, adalora_problems, as_lora, is_adalora
-from .atomic import atomic_dir, default_mode, refuse_overlap
-from .tensors import MemoryStore, SafetensorsStore, TensorStore, load_pickled_tensors
+from .atomic import atomic_dir, default_mode, refuse_overlap, write_error
+from .tensors import MemoryStore, SafetensorsStore, TensorStore, load_pickled_tensors, refuse_non_finite
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -22,7 +22,7 @@ def adapter_files(path: str | os.PathLike) -> tuple[Path, Path]:
     path = Path(path)
     if path.is_dir():
         for name in (SAFETENSORS_NAME, BIN_NAME):
-            if (path / name).is_file():
+            if (path / name).exists():  # read_header / load_pickled_tensors refuse what is not a regular file
                 return path / CONFIG_NAME, path / name
         raise InputNotFoundError(f"{path}: no {SAFETENSORS_NAME} (or legacy {BIN_NAME}) in this directory")
     if not path.exists():
@@ -68,15 +68,21 @@ def read_adalora(raw: dict, store: TensorStore, source: str, weights_path: str |
 
 def write_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write `adapter` as a PEFT directory (config + safetensors), atomically. `inputs`: paths the
-    adapter was made from, which `out` may not overlap."""
+    adapter was made from, which `out` may not overlap. Every command that writes an adapter comes
+    here, so every one refuses NaN/Inf (`non-finite`) before anything is created."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     refuse_overlap(out, [*inputs, *adapter.input_paths()])
-    # Load everything before creating anything, so a read error leaves no output behind.
+    # Load and check everything before creating anything, so an error leaves no output behind.
     tensors = _own_storage(adapter.state_dict())
+    refuse_non_finite(tensors, out)
     with atomic_dir(out, force=force) as tmp:
         (tmp / CONFIG_NAME).write_text(config_json(adapter.config.raw))
-        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
+            raise write_error(out, f"writing {SAFETENSORS_NAME} failed ({exc})") from None
         os.chmod(tmp / SAFETENSORS_NAME, default_mode(directory=False))  # safetensors creates it 0600
     return Path(out)
 

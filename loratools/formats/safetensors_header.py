@@ -13,7 +13,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..errors import FormatError, InputNotFoundError
+from ..errors import FormatError
+from .files import open_regular, read_error
 from .json_text import parse_json
 
 # dtype code in the header -> (bytes per element, torch-style name)
@@ -89,24 +90,30 @@ def read_header(path: str | os.PathLike) -> Header:
     """Parse and fully check the header of a safetensors file (reads only the header bytes)."""
     path = os.fspath(path)
     name = os.path.basename(path)
-    try:
-        stamp = file_stamp(path)
-        file_size = os.path.getsize(path)
-        with open(path, "rb") as fh:
+    with open_regular(path) as fh:
+        try:
+            st = os.fstat(fh.fileno())
+            file_size, stamp = st.st_size, (st.st_ino, st.st_size, st.st_mtime_ns)
             prefix = fh.read(8)
             if len(prefix) < 8:
                 raise FormatError(f"{name}: file is {file_size} bytes, too short to be safetensors", code="st-too-short")
             (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES or n + 8 > file_size:
+            if n + 8 > file_size:
                 raise FormatError(
                     f"{name}: header length {n} does not fit in a {file_size}-byte file (truncated or not safetensors)",
                     code="st-header-length",
                 )
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(
+                    f"{name}: the header is {n:,} bytes, more than the {MAX_HEADER_BYTES:,} the safetensors format "
+                    "allows (its reference implementation refuses it too); refused",
+                    code="too-large",
+                )
             raw = fh.read(n)
-    except FileNotFoundError:
-        raise InputNotFoundError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{path}: is a directory, expected a .safetensors file") from None
+        except OSError as exc:
+            raise read_error(path, exc) from None
+    if len(raw) < n:
+        raise FormatError(f"{name}: ended early while reading the header (truncated meanwhile?)", code="input-changed")
     header = parse_header(raw, file_size, name=name, path=path)
     return Header(header.path, header.tensors, header.metadata, header.data_start, header.file_size, stamp)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from ..errors import FormatError
+from .files import open_regular, read_error
 from .safetensors_header import Header, read_header
 
 if TYPE_CHECKING:
@@ -87,10 +88,14 @@ class SafetensorsStore(TensorStore):
         info = self.header.tensors[key]
         self.header.check_unchanged()
         data = np.empty(info.end - info.start, dtype=np.uint8)
-        with open(self.path, "rb", buffering=0) as fh:
-            fh.seek(self.header.data_start + info.start)
-            if data.size and fh.readinto(memoryview(data)) != data.size:
-                raise FormatError(f"{os.path.basename(self.path)}: ended early while reading {key} (truncated meanwhile?)", code="input-changed")
+        with open_regular(self.path) as fh:
+            try:
+                fh.seek(self.header.data_start + info.start)
+                read = fh.readinto(memoryview(data)) if data.size else 0
+            except OSError as exc:
+                raise read_error(self.path, exc) from None
+        if read != data.size:
+            raise FormatError(f"{os.path.basename(self.path)}: ended early while reading {key} (truncated meanwhile?)", code="input-changed")
         return data
 
     def array(self, key: str):
@@ -140,6 +145,25 @@ def raw_values(store: SafetensorsStore, key: str) -> tuple[bool, bool]:
     return finite, nonzero
 
 
+def refuse_non_finite(tensors, out: str | os.PathLike) -> None:
+    """The one finiteness rule of every writer: raise (`non-finite`, naming the tensor) if a float
+    tensor about to be written to `out` holds NaN or Inf. `tensors`: a mapping or (name, tensor)
+    pairs; torch tensors or numpy arrays (torch is not imported for numpy arrays). Call it before
+    creating anything."""
+    import numpy as np
+
+    for key, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        if isinstance(t, np.ndarray):
+            bad = t.dtype.kind in "fc" and not np.isfinite(t).all()
+        else:
+            import torch
+
+            bad = (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+        if bad:
+            raise FormatError(f"{key} contains NaN or Inf: loratools writes only finite tensors (an input holds NaN/Inf, "
+                              f"or a weight or scaling overflowed); nothing was written to {out}", code="non-finite")
+
+
 class MemoryStore(TensorStore):
     """Tensors already in memory (a legacy .bin, or an adapter built by convert/combine)."""
 
@@ -159,7 +183,8 @@ class MemoryStore(TensorStore):
 
 def load_pickled_tensors(path: str | os.PathLike) -> MemoryStore:
     """A legacy adapter_model.bin, read with torch.load(weights_only=True) and nothing else:
-    a pickle that needs arbitrary objects is refused, never executed."""
+    a pickle that needs arbitrary objects is refused, never executed. Whatever the file holds
+    that is not a dict of name -> tensor is one FormatError (`pickle-refused`)."""
     import pickle
     import re
     import warnings
@@ -167,43 +192,50 @@ def load_pickled_tensors(path: str | os.PathLike) -> MemoryStore:
     import torch
 
     name = os.path.basename(os.fspath(path))
-    _refuse_zip_bomb(path, name)
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols; the verdict is what matters
-            warnings.simplefilter("ignore")
-            obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message is long; keep the sentence that says what the pickle wanted.
-        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
-        why = found.group(1).split(". ")[0].strip().rstrip(".") if found else "it needs more than plain tensors"
-        raise FormatError(
-            f"{name}: refused to unpickle ({why}); loratools loads .bin files with weights_only=True only. "
-            "Re-save the adapter as safetensors with a trusted tool"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError, MemoryError, RecursionError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FormatError(f"{name}: not a readable torch checkpoint ({first[:200]})") from None
+    with open_regular(path) as fh:
+        _refuse_zip_bomb(fh, name)
+        try:
+            with warnings.catch_warnings():  # torch warns about pickle protocols; the verdict is what matters
+                warnings.simplefilter("ignore")
+                obj = torch.load(fh, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # torch's message is long; keep the sentence that says what the pickle wanted.
+            found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+            why = found.group(1).split(". ")[0].strip().rstrip(".") if found else "it needs more than plain tensors"
+            raise _refused(f"{name}: refused to unpickle ({why}); loratools loads .bin files with weights_only=True only. "
+                           "Re-save the adapter as safetensors with a trusted tool") from None
+        except OSError as exc:
+            raise read_error(os.fspath(path), exc) from None
+        except Exception as exc:  # noqa: BLE001 - any bytes reach torch's unpickler: KeyError, IndexError, struct.error...
+            first = (str(exc).strip().splitlines() or [""])[0][:200] or type(exc).__name__
+            raise _refused(f"{name}: not a torch checkpoint of tensors ({type(exc).__name__}: {first})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise FormatError(f"{name}: expected a dict of name -> tensor, got {type(obj).__name__}")
+        raise _refused(f"{name}: expected a dict of name -> tensor, got {type(obj).__name__}")
     return MemoryStore(obj)
 
 
-def _refuse_zip_bomb(path: str | os.PathLike, name: str) -> None:
+def _refused(message: str) -> FormatError:
+    return FormatError(message, code="pickle-refused")
+
+
+def _refuse_zip_bomb(fh, name: str) -> None:
     """torch.save writes an uncompressed zip: its members add up to about the file's size. A member
     that claims to expand far beyond that is a zip bomb, refused before torch reads it."""
     import zipfile
 
     try:
-        if not zipfile.is_zipfile(path):
-            return
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
+        if zipfile.is_zipfile(fh):
+            with zipfile.ZipFile(fh) as archive:
+                members = archive.infolist()
+        else:
+            members = None
+        fh.seek(0)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise FormatError(f"{name}: not a readable torch checkpoint ({exc})") from None
-    size = os.path.getsize(path)
+        raise _refused(f"{name}: not a readable torch checkpoint ({exc})") from None
+    if members is None:
+        return
+    size = os.fstat(fh.fileno()).st_size
     expanded = sum(m.file_size for m in members)
     if expanded > 2 * size + (1 << 20) or any(m.compress_type != zipfile.ZIP_STORED for m in members):
-        raise FormatError(
-            f"{name}: zip members expand to {expanded:,} bytes from a {size:,}-byte file (torch.save never compresses); refused",
-            code="pickle-refused",
-        )
+        raise _refused(f"{name}: zip members expand to {expanded:,} bytes from a {size:,}-byte file (torch.save never "
+                       "compresses); refused")

@@ -170,7 +170,7 @@ def _stacked(path: str, inputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _svd(path, inputs, rank, energy):
     a, b = _stacked(path, inputs)
-    svd = factored_svd(b, a, 1.0, vectors=True)
+    svd = factored_svd(b, a, 1.0, vectors=True, name=path)
     if energy is not None:
         k = max(1, energy_rank([float(x) for x in svd.s], energy))
     else:

@@ -30,7 +30,7 @@ from ..formats.safetensors_header import FLOAT_DTYPES
 from ..formats.tensors import SafetensorsStore
 from ..report import Report, plain
 from .choices import EMBEDDING_MODES
-from .lowrank import check_rank_or_energy
+from .lowrank import check_rank_or_energy, require_finite
 from .merge import resolve_device
 from .merge_plan import DTYPE_CODES
 
@@ -183,6 +183,7 @@ def extract_adapter(
         # D in the LoRA orientation: (out, in) for Linear; Conv1D (in, out) and Embedding (num, dim) are stored transposed
         d = diff if ref.layout is Layout.LINEAR else diff.T
         conv1d |= ref.layout is Layout.CONV1D
+        require_finite(f"module {module_path}", d, where="FINETUNED − BASE")  # before the SVD's LinAlgError
         total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
         a, b, kept, method = low_rank_factors(d, total, rank, energy, max_rank, exact, generator)
         a, b = a.to(out_dtype), b.to(out_dtype)

@@ -13,11 +13,12 @@ values, a GEMM instead of a QR, about 2.5x faster, and still float64 throughout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import LoraToolsError, UsageError
 
 # numpy rather than torch: `loratools svd` then runs without importing torch (about a second of
 # start-up), and float64 linear algebra is as fast through numpy's BLAS.
@@ -37,22 +38,64 @@ def as_float64(x) -> np.ndarray:
     return x.double().numpy()
 
 
-def factored_svd(b, a, scale: float = 1.0, vectors: bool = False) -> LowRankSVD:
+_FACTORS = "its LoRA factors (or in them once scaled: beyond float32)"
+
+
+def require_finite(what: str, *arrays, where: str = _FACTORS) -> None:
+    """Refuse (`non-finite`) NaN or Inf in what the low-rank math is given — numpy arrays or torch
+    tensors — before an SVD, QR or eigendecomposition fails on it with LinAlgError. The message is
+    `<what>: NaN or Inf in <where>; ...`, e.g. what="module model.layers.0.self_attn.q_proj",
+    where="FINETUNED − BASE"."""
+    for x in arrays:
+        if isinstance(x, np.ndarray):
+            finite = bool(np.isfinite(x).all())
+        else:
+            import torch
+
+            finite = bool(torch.isfinite(x).all())
+        if not finite:
+            raise _non_finite(what, f"NaN or Inf in {where}")
+
+
+def _non_finite(what: str, detail: str) -> LoraToolsError:
+    return LoraToolsError(f"{what}: {detail}; the SVD needs finite values (training diverged, or the file is "
+                          "corrupt)", code="non-finite")
+
+
+def factored_svd(b, a, scale: float = 1.0, vectors: bool = False, name: str | None = None) -> LowRankSVD:
     """SVD of scale·B·A (B: out×r, A: r×in), in float64; k = min(out, in, r) values (Gram path:
-    r values, the extra ones zero)."""
+    r values, the extra ones zero). `name` (the module path) is named when the factors are not
+    finite (`non-finite`): checked here, so no caller meets numpy's LinAlgError."""
+    what = f"module {name}" if name else "a module"
     b, a = as_float64(b), as_float64(a)
-    if not vectors:
-        core = scale * (_gram_root(b) @ _gram_root(a.T).T)
-        return LowRankSVD(None, np.linalg.svd(core, compute_uv=False), None)
-    qb, rb = np.linalg.qr(b)  # qb (out, kb), rb (kb, r)
-    qa, ra = np.linalg.qr(a.T)  # qa (in, ka), ra (ka, r)
-    uc, s, vch = np.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
-    return LowRankSVD(qb @ uc, s, vch @ qa.T)
+    require_finite(what, b, a)
+    if not math.isfinite(scale):
+        raise _non_finite(what, f"its scaling {scale} is not finite")
+    # Finite float64 factors can still overflow in products (values near 1e154 and beyond): the
+    # small results are checked below, so numpy is not left to warn about it.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not vectors:
+            gram_b, gram_a = b.T @ b, a @ a.T
+            _finite_result(what, gram_b, gram_a)
+            core = scale * (_gram_root(gram_b) @ _gram_root(gram_a).T)
+            _finite_result(what, core)
+            return LowRankSVD(None, np.linalg.svd(core, compute_uv=False), None)
+        qb, rb = np.linalg.qr(b)  # qb (out, kb), rb (kb, r)
+        qa, ra = np.linalg.qr(a.T)  # qa (in, ka), ra (ka, r)
+        core = scale * (rb @ ra.T)
+        _finite_result(what, core)
+        uc, s, vch = np.linalg.svd(core, full_matrices=False)
+        return LowRankSVD(qb @ uc, s, vch @ qa.T)
 
 
-def _gram_root(x: np.ndarray) -> np.ndarray:
-    """R (r×r) with RᵀR = xᵀx, for x (n×r); fine when x is rank-deficient."""
-    eigenvalues, vectors = np.linalg.eigh(x.T @ x)
+def _finite_result(what: str, *arrays: np.ndarray) -> None:
+    if not all(np.isfinite(x).all() for x in arrays):
+        raise _non_finite(what, "its factors are too large for float64 arithmetic (products overflow)")
+
+
+def _gram_root(gram: np.ndarray) -> np.ndarray:
+    """R (r×r) with RᵀR = gram (= xᵀx, for x n×r); fine when x is rank-deficient."""
+    eigenvalues, vectors = np.linalg.eigh(gram)
     return np.sqrt(np.clip(eigenvalues, 0, None))[:, None] * vectors.T
 
 

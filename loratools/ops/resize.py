@@ -39,7 +39,7 @@ def resize_adapter(adapter: Adapter, rank: int | None = None, energy: float | No
     report = []
     for path, module in adapter.modules.items():
         a, b = adapter.factors(path)
-        svd = factored_svd(b, a, module.scaling, vectors=True)
+        svd = factored_svd(b, a, module.scaling, vectors=True, name=path)
         sigma = [float(x) for x in svd.s]
         k = rank if rank is not None else max(1, energy_rank(sigma, energy))
         if k >= module.rank:

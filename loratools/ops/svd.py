@@ -56,7 +56,7 @@ def module_spectra(adapter: Adapter, paths: Iterable[str] | None = None) -> dict
     for path in paths or adapter.modules:
         module = adapter.modules[path]
         a, b = adapter.factor_arrays(path)
-        out[path] = padded(factored_svd(b, a, module.scaling).s, module.rank)
+        out[path] = padded(factored_svd(b, a, module.scaling, name=path).s, module.rank)
     return out
 
 

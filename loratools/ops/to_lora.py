@@ -31,7 +31,7 @@ from .basemap import BaseNameMapper, adapter_for_base
 from .dequant import read_float32
 from .extract import DEFAULT_MAX_RANK, SEED, low_rank_factors
 from .initial import check_on_base
-from .lowrank import check_rank_or_energy
+from .lowrank import check_rank_or_energy, require_finite
 from .merge_torch import dora_weight
 
 
@@ -116,6 +116,7 @@ def _dora_to_lora(adapter: Adapter, module: LoraModule, base: Checkpoint, mapper
     merged = dora_weight(w.clone(), a, b, module.scaling, magnitude, module.layout)
     delta = merged - w
     d = delta if module.layout is Layout.LINEAR else delta.T  # LoRA orientation (out, in)
+    require_finite(f"module {module.path}", d, where="its DoRA ΔW on --base")
     total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
     new_a, new_b, kept, _ = low_rank_factors(d, total, rank, energy, max_rank, False, generator)
     error = float(torch.linalg.vector_norm(d - new_b @ new_a)) / math.sqrt(total) if total > 0 else 0.0

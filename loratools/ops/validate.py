@@ -18,7 +18,7 @@ from ..arch import ARCHITECTURES, Layout
 from ..config import CONFIG_NAME, CONVERTIBLE_INITS, AdapterConfig, config_problems, pattern_value, refusals
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
-from ..formats.json_text import parse_json
+from ..formats.json_text import read_json_file
 from ..formats.adalora import is_adalora
 from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME, read_adalora
 from ..formats.tensors import SafetensorsStore, TensorStore, load_pickled_tensors, raw_values
@@ -108,13 +108,13 @@ def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None, ta
 
 
 def _check_config_file(path: Path, add) -> dict | None:
-    if not path.is_file():
+    if not path.exists():
         add("config-missing", ERROR, f"no {CONFIG_NAME}: PEFT cannot load the adapter without it; save it with the weights")
         return None
     try:
-        raw = parse_json(path.read_bytes())
-    except ValueError as exc:
-        add("config-json", ERROR, f"{CONFIG_NAME} is not valid JSON ({exc}); fix or re-save it")
+        raw = read_json_file(path, code="config-json")  # only a regular file, at most 64 MiB
+    except LoraToolsError as exc:
+        add(exc.code, ERROR, f"{exc}; fix or re-save it")
         return None
     if not isinstance(raw, dict):
         add("config-json", ERROR, f"{CONFIG_NAME} must be a JSON object, not {type(raw).__name__}")
@@ -123,18 +123,18 @@ def _check_config_file(path: Path, add) -> dict | None:
 
 
 def _open_weights(root: Path, add) -> TensorStore | None:
-    if (root / SAFETENSORS_NAME).is_file():
+    if (root / SAFETENSORS_NAME).exists():  # a FIFO or device there is reported (not-a-file), not read
         try:
             return SafetensorsStore(root / SAFETENSORS_NAME)
         except LoraToolsError as exc:
             add(exc.code, ERROR, f"{exc}; the file is damaged: re-save or re-download it")
             return None
-    if (root / BIN_NAME).is_file():
+    if (root / BIN_NAME).exists():
         add("pickle-weights", WARNING, f"{BIN_NAME} is a pickle; read with weights_only=True. Re-save as safetensors")
         try:
             return load_pickled_tensors(root / BIN_NAME)
-        except LoraToolsError as exc:
-            add("pickle-refused", ERROR, str(exc))
+        except LoraToolsError as exc:  # pickle-refused, or not-a-file / io-error
+            add(exc.code, ERROR, str(exc))
             return None
     add("weights-missing", ERROR, f"no {SAFETENSORS_NAME} (or {BIN_NAME}) beside {CONFIG_NAME}")
     return None
