@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Mapping
 from .arch import Detection, Layout, Role, detect_from_paths, locate
 from .config import MERGEABLE_VARIANTS, AdapterConfig, variant_refusals
 from .errors import ConfigError, FormatError, LoraToolsError, ShapeError, UnsupportedError
+from .formats.dtypes import FLOAT_NAMES as FLOAT_DTYPES
 from .formats.tensors import MemoryStore, TensorStore
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ _PART = re.compile(
 _TOKENS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 # Tensors of LoRA variants loratools refuses (see config.refusals): known to PEFT, so not "unknown".
 _VARIANT_PART = re.compile(r"^(?P<module>.+)\.(lora_velora_embed|lora_monteclora_sampler\.\w+)$")
-FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
 
 
 @dataclass

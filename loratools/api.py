@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .adapter import Adapter
 from .errors import UsageError
-from .formats.peft_dir import read_adapter, write_adapter
+from .adapter_dir.peft_dir import read_adapter, write_adapter
 from .hub import ADAPTER_PATTERNS, BASE_IGNORE_PATTERNS, local_model_type, resolve
 from .ops.svd import DEFAULT_THRESHOLDS
 

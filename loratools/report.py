@@ -2,7 +2,7 @@
 render() is the text the command prints.
 
 Each command's report is a dataclass subclass with its own fields (ops/info.py InfoReport,
-ops/merge.py MergeReport, ...). By default to_dict() lists those fields in order, nested
+ops/merge/run.py MergeReport, ...). By default to_dict() lists those fields in order, nested
 dataclasses as dicts, after `schema_version`; a report whose JSON is derived from its fields
 (summaries, a base described from its checkpoint) overrides `_json()`. No torch, no numpy.
 """

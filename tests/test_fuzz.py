@@ -347,7 +347,7 @@ def test_dora_row_of_norm_zero_is_refused_by_validate_and_merge_alike(tmp_path):
 def test_real_adapters_settle_without_merging_in_the_plan(tmp_path, cast_base, monkeypatch, dtype):
     """The fixtures (PEFT-trained, factors ~1e-1): the bound from the factors settles every
     module; the base is read only under DoRA (its row norms), nothing is merged in the plan."""
-    from loratools.ops import merge_bounds
+    from loratools.ops.merge import bounds as merge_bounds
 
     def refuse(*args):
         raise AssertionError(f"computed in the plan: {args[1]}")

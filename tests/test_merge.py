@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import loratools
 from loratools.ops import merge as merge_mod
-from loratools.ops import merge_shard
+from loratools.ops.merge import shard as merge_shard
 from tests.broken import edit_config
 from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
 from tests.peft_ref import load_base, outputs, peft_merged_state_dict, peft_model

@@ -98,7 +98,7 @@ def test_keep_quantized_with_dtype_casts_only_plain_floats(fp8_q_proj, tmp_path,
 def test_plan_records_every_output_dtype(fp8_q_proj):
     """The plan says what each output tensor is written as; the executor writes exactly that."""
     from loratools.formats.checkpoint import open_checkpoint
-    from loratools.ops.merge_plan import plan_merge
+    from loratools.ops.merge import plan_merge
 
     base8, lora, deltas = fp8_q_proj
     base = open_checkpoint(base8)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import loratools
-from loratools.ops import merge_numpy
+from loratools.ops.merge import kernel_numpy as merge_numpy
 from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
 from tests.test_merge import _digest, merged_tensors
 from tests.tiny_models import build_base
@@ -146,7 +146,7 @@ def test_tensors_at_unaligned_offsets(tmp_path, monkeypatch, numpy_kernel, dtype
 
 WORKER_DIES = textwrap.dedent("""
     import os, signal, sys
-    from loratools.ops import merge_shard
+    from loratools.ops.merge import shard as merge_shard
     sig = getattr(signal, sys.argv.pop())
     def dies(*args, **kwargs):
         os.kill(os.getpid(), sig)
@@ -199,7 +199,7 @@ def test_a_disk_without_room_fails_before_any_work(tmp_path, monkeypatch):
 def test_device_staging_ring_on_cpu(tmp_path, monkeypatch):
     """The GPU pipeline's host side (two staging buffers reused in turn) run on CPU: same bytes
     as the direct path. (The device side is tested where CUDA exists: test_cuda_merge_equals_cpu_merge.)"""
-    from loratools.ops import merge_torch
+    from loratools.ops.merge import kernel_torch as merge_torch
 
     _without_numpy_kernel(monkeypatch)
     loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-dora", tmp_path / "direct", workers=1)

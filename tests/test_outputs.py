@@ -77,7 +77,7 @@ def test_single_file_output_that_appears_meanwhile_is_left_alone(tmp_path):
 SLOW_MERGE = textwrap.dedent("""
     import signal, sys, time
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from loratools.ops import merge_shard
+    from loratools.ops.merge import shard as merge_shard
     real = merge_shard.write_shard
     def slow(*args, **kwargs):
         time.sleep(60)

@@ -14,28 +14,10 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from .dtypes import DTYPES, FLOAT_CODES as FLOAT_DTYPES  # noqa: F401  (re-exported)
 from .files import open_regular, read_error
 from .json_text import parse_json
 
-# dtype code in the header -> (bytes per element, torch-style name)
-DTYPES: dict[str, tuple[int, str]] = {
-    "F64": (8, "float64"),
-    "F32": (4, "float32"),
-    "F16": (2, "float16"),
-    "BF16": (2, "bfloat16"),
-    "F8_E4M3": (1, "float8_e4m3fn"),
-    "F8_E5M2": (1, "float8_e5m2"),
-    "I64": (8, "int64"),
-    "I32": (4, "int32"),
-    "I16": (2, "int16"),
-    "I8": (1, "int8"),
-    "U8": (1, "uint8"),
-    "U16": (2, "uint16"),
-    "U32": (4, "uint32"),
-    "U64": (8, "uint64"),
-    "BOOL": (1, "bool"),
-}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 # The reference implementation refuses headers above 100 MB; so do we, before allocating.
 MAX_HEADER_BYTES = 100_000_000
@@ -56,7 +38,7 @@ class TensorInfo:
 
     @property
     def dtype_name(self) -> str:
-        return DTYPES[self.dtype][1]
+        return DTYPES[self.dtype].name
 
 
 @dataclass(frozen=True)
@@ -173,7 +155,7 @@ def _check_entry(name: str, key: str, entry: object) -> TensorInfo:
     ):
         raise FormatError(f"{name}: tensor {key!r} has invalid data_offsets {offsets!r}", code="st-offsets")
     info = TensorInfo(dtype=dtype, shape=tuple(shape), start=offsets[0], end=offsets[1])
-    expected = info.numel * DTYPES[dtype][0]
+    expected = info.numel * DTYPES[dtype].size
     if info.end - info.start != expected:
         raise FormatError(
             f"{name}: tensor {key!r} spans {info.end - info.start} bytes but {dtype}{list(shape)} needs {expected}",

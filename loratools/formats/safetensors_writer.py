@@ -21,12 +21,12 @@ import numpy as np
 
 from ..errors import FormatError, LoraToolsError
 from .atomic import preallocate
-from .safetensors_header import DTYPES
+from .dtypes import DTYPES
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of this dtype code and shape."""
-    size = DTYPES[dtype][0]
+    size = DTYPES[dtype].size
     for d in shape:
         size *= d
     return size

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from ..errors import FormatError
+from .dtypes import DTYPES
 from .files import open_regular, read_error
 from .safetensors_header import Header, read_header
 
@@ -58,11 +59,11 @@ class TensorStore:
 
 # Float formats as bit fields: (unsigned view, exponent mask). A value is NaN/Inf when its exponent
 # bits are all ones.
-_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF0000000000000)}
+_BITS = {code: (d.unsigned, d.exponent) for code, d in DTYPES.items() if d.exponent}
 
 
 # Safetensors codes numpy reads natively (BF16 by widening; see SafetensorsStore.array).
-_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1"}
+_NUMPY_DTYPES = {code: d.numpy for code, d in DTYPES.items() if d.numpy and not code.startswith("F8")}
 
 
 class SafetensorsStore(TensorStore):

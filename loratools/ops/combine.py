@@ -26,8 +26,7 @@ from ..errors import ShapeError, UnsupportedError, UsageError
 from ..report import Report
 from .choices import COMBINE_METHODS as METHODS
 from .choices import MAJORITY_SIGNS
-from .lowrank import balanced_factors, check_rank_or_energy, factored_svd
-from .svd import energy_rank
+from .lowrank import balanced_factors, check_rank_or_energy, energy_rank, factored_svd
 
 MaskFn = Callable[[torch.Tensor, float], torch.Tensor]  # (tensor, density) -> 0/1 mask like tensor
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..formats.checkpoint import Checkpoint
+from ..formats.dtypes import HELD
 from ..formats.quantized import QuantizedWeight
+from .rounding import round_to_bf16
 
 E4M3_MAX = 448.0
 
@@ -79,7 +81,6 @@ def bnb_absmax(weight: QuantizedWeight, parts: dict[str, np.ndarray]) -> np.ndar
 
 
 CHUNK = 1 << 14  # elements dequantized per step (stays in cache); a multiple of every blocksize
-_HELD = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # how each dtype is held (bf16 as bits)
 
 
 def dequantize_bnb(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int,
@@ -89,7 +90,7 @@ def dequantize_bnb(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blo
     rounded into the output."""
     numel = int(np.prod(shape, dtype=np.int64))
     packed = packed.reshape(-1)
-    out = np.empty(numel, dtype=_HELD[dtype])
+    out = np.empty(numel, dtype=HELD[dtype])
     whole = numel // CHUNK * CHUNK
     if whole:
         four = _four_codes(code)
@@ -122,12 +123,7 @@ def _four_codes(code: np.ndarray) -> np.ndarray:
 def _round_into(values: np.ndarray, out: np.ndarray, dtype: str, scratch: np.ndarray) -> None:
     """float32 values rounded (nearest, ties to even) into `out`, held as `dtype` holds them."""
     if dtype == "BF16":
-        bits = values.view(np.uint32)
-        np.right_shift(bits, 16, out=scratch)
-        scratch &= 1
-        scratch += 0x7FFF
-        scratch += bits
-        np.right_shift(scratch, 16, out=out, casting="unsafe")
+        round_to_bf16(values.view(np.uint32), out, scratch)
     else:
         np.copyto(out, values, casting="same_kind")
 

@@ -26,18 +26,14 @@ from ..arch import ARCHITECTURES, Layout, Role, detect_from_config, detect_from_
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
 from ..formats.checkpoint import Checkpoint
-from ..formats.safetensors_header import FLOAT_DTYPES
+from ..formats.dtypes import CODE_OF_NAME as DTYPE_CODES
+from ..formats.dtypes import FLOAT_CODES as FLOAT_DTYPES
 from ..formats.tensors import SafetensorsStore
 from ..report import Report, plain
 from .choices import EMBEDDING_MODES
-from .lowrank import check_rank_or_energy, require_finite
-from .merge import resolve_device
-from .merge_plan import DTYPE_CODES
+from .lowrank import DEFAULT_MAX_RANK, SEED, check_rank_or_energy, low_rank_factors, require_finite
+from .device import resolve_device
 
-OVERSAMPLE = 8
-POWER_ITERATIONS = 2
-DEFAULT_MAX_RANK = 256
-SEED = 0  # the same inputs give the same adapter, byte for byte
 
 
 @dataclass
@@ -207,53 +203,6 @@ def extract_adapter(
     raw = _config(base_name or str(base.path), ranks, to_save, conv1d, tied, biases, head)
     adapter = Adapter.from_tensors(with_module_ranks(raw, ranks, use_rslora=False), tensors, source="extract")
     return adapter, report
-
-
-# ---- the low-rank approximation -------------------------------------------------------------
-
-
-def low_rank_factors(d, total, rank, energy, max_rank, exact, generator):
-    """(A (k, in), B (out, k), retained energy, "randomized"|"exact") for D (out, in), float32,
-    whose squared Frobenius norm is `total`."""
-    limit = min(d.shape)
-    if total == 0:  # changed only in the sign of zeros: nothing to approximate
-        return d.new_zeros(1, d.shape[1]), d.new_zeros(d.shape[0], 1), 1.0, "exact"
-    wanted = min(rank if rank is not None else max_rank, limit)
-    sketch = wanted + OVERSAMPLE
-    method = "exact" if exact or sketch >= limit else "randomized"
-    u, s, vh = _exact_svd(d) if method == "exact" else _randomized_svd(d, sketch, generator)
-    energies = (s.double() ** 2).cumsum(0) / total
-    if energy is not None:
-        reached = _values_below(energies, energy)
-        if reached >= wanted and method == "randomized":  # the sketch could not certify it: the full spectrum decides
-            method = "exact"
-            u, s, vh = _exact_svd(d)
-            energies = (s.double() ** 2).cumsum(0) / total
-            reached = _values_below(energies, energy)
-        k = min(reached + 1, wanted)
-    else:
-        k = wanted
-    root = s[:k].sqrt()
-    return root.unsqueeze(1) * vh[:k], u[:, :k] * root, min(float(energies[k - 1]), 1.0), method
-
-
-def _values_below(energies: torch.Tensor, target: float) -> int:
-    """How many leading cumulative energies fall short of `target` (up to round-off)."""
-    return int(torch.searchsorted(energies, torch.tensor([target * (1 - 1e-12)], dtype=torch.float64)))
-
-
-def _exact_svd(d):
-    return torch.linalg.svd(d, full_matrices=False)
-
-
-def _randomized_svd(d, sketch: int, generator):
-    """Halko–Martinsson–Tropp: range of D·Ω (Ω Gaussian, n×sketch), sharpened by power iterations."""
-    omega = torch.randn(d.shape[1], sketch, generator=generator, device=d.device, dtype=d.dtype)
-    q = torch.linalg.qr(d @ omega).Q
-    for _ in range(POWER_ITERATIONS):  # re-orthonormalised each time, or small directions drown
-        q = torch.linalg.qr(d @ torch.linalg.qr(d.T @ q).Q).Q
-    u_small, s, vh = torch.linalg.svd(q.T @ d, full_matrices=False)
-    return q @ u_small, s, vh
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

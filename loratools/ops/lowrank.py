@@ -123,3 +123,95 @@ def check_rank_or_energy(rank: int | None, energy: float | None, required: bool 
         raise UsageError(f"--rank must be at least 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise UsageError(f"--energy must be in (0, 1], got {energy}")
+
+
+# ---- spectrum measures (svd, resize, combine) ---------------------------------------------------
+
+
+def effective_rank(sigma: list[float]) -> float:
+    """exp of the Shannon entropy of σ/Σσ (Roy & Vetterli 2007); 0 for a zero matrix."""
+    total = sum(sigma)
+    if total <= 0:
+        return 0.0
+    entropy = -sum(p * math.log(p) for p in (x / total for x in sigma) if p > 0)
+    return math.exp(entropy)
+
+
+def stable_rank(sigma: list[float]) -> float:
+    """Σσ² / σ1²; 0 for a zero matrix."""
+    if not sigma or sigma[0] <= 0:
+        return 0.0
+    return sum(x * x for x in sigma) / (sigma[0] * sigma[0])
+
+
+def energy_rank(sigma: list[float], threshold: float) -> int:
+    """The smallest k with Σ_{i<=k} σ² >= threshold·Σσ² (0 for a zero matrix)."""
+    energies = [x * x for x in sigma]
+    total = sum(energies)
+    if total <= 0:
+        return 0
+    running = 0.0
+    for k, e in enumerate(energies, start=1):
+        running += e
+        # relative slack: a sum equal to the target up to round-off counts as reaching it
+        if running >= threshold * total * (1 - 1e-12):
+            return k
+    return len(energies)
+
+
+# ---- the truncated SVD of a dense matrix (extract, convert --to-lora; torch) ---------------------
+
+OVERSAMPLE = 8
+POWER_ITERATIONS = 2
+DEFAULT_MAX_RANK = 256
+SEED = 0  # the same inputs give the same adapter, byte for byte
+
+
+def low_rank_factors(d, total, rank, energy, max_rank, exact, generator):
+    """The truncated SVD of a dense difference (extract, convert --to-lora): (A (k, in), B (out, k), retained energy, "randomized"|"exact") for D (out, in), float32,
+    whose squared Frobenius norm is `total`."""
+    limit = min(d.shape)
+    if total == 0:  # changed only in the sign of zeros: nothing to approximate
+        return d.new_zeros(1, d.shape[1]), d.new_zeros(d.shape[0], 1), 1.0, "exact"
+    wanted = min(rank if rank is not None else max_rank, limit)
+    sketch = wanted + OVERSAMPLE
+    method = "exact" if exact or sketch >= limit else "randomized"
+    u, s, vh = _exact_svd(d) if method == "exact" else _randomized_svd(d, sketch, generator)
+    energies = (s.double() ** 2).cumsum(0) / total
+    if energy is not None:
+        reached = _values_below(energies, energy)
+        if reached >= wanted and method == "randomized":  # the sketch could not certify it: the full spectrum decides
+            method = "exact"
+            u, s, vh = _exact_svd(d)
+            energies = (s.double() ** 2).cumsum(0) / total
+            reached = _values_below(energies, energy)
+        k = min(reached + 1, wanted)
+    else:
+        k = wanted
+    root = s[:k].sqrt()
+    return root.unsqueeze(1) * vh[:k], u[:, :k] * root, min(float(energies[k - 1]), 1.0), method
+
+
+def _values_below(energies, target: float) -> int:
+    """How many leading cumulative energies fall short of `target` (up to round-off)."""
+    import torch
+
+    return int(torch.searchsorted(energies, torch.tensor([target * (1 - 1e-12)], dtype=torch.float64)))
+
+
+def _exact_svd(d):
+    import torch
+
+    return torch.linalg.svd(d, full_matrices=False)
+
+
+def _randomized_svd(d, sketch: int, generator):
+    """Halko–Martinsson–Tropp: range of D·Ω (Ω Gaussian, n×sketch), sharpened by power iterations."""
+    import torch
+
+    omega = torch.randn(d.shape[1], sketch, generator=generator, device=d.device, dtype=d.dtype)
+    q = torch.linalg.qr(d @ omega).Q
+    for _ in range(POWER_ITERATIONS):  # re-orthonormalised each time, or small directions drown
+        q = torch.linalg.qr(d @ torch.linalg.qr(d.T @ q).Q).Q
+    u_small, s, vh = torch.linalg.svd(q.T @ d, full_matrices=False)
+    return q @ u_small, s, vh

@@ -11,8 +11,7 @@ import torch
 from ..adapter import Adapter
 from ..config import with_module_ranks
 from ..report import Report
-from .lowrank import balanced_factors, check_rank_or_energy, factored_svd
-from .svd import energy_rank
+from .lowrank import balanced_factors, check_rank_or_energy, energy_rank, factored_svd
 
 
 @dataclass

@@ -2,50 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..adapter import Adapter
 from ..report import Report
+from .lowrank import effective_rank, energy_rank, stable_rank  # noqa: F401  (svd's measures, public here too)
 
 DEFAULT_THRESHOLDS = (0.9, 0.99)
 
 
 def threshold_key(t: float) -> str:
     return f"{t:g}"
-
-
-def effective_rank(sigma: list[float]) -> float:
-    """exp of the Shannon entropy of σ/Σσ (Roy & Vetterli 2007); 0 for a zero matrix."""
-    total = sum(sigma)
-    if total <= 0:
-        return 0.0
-    entropy = -sum(p * math.log(p) for p in (x / total for x in sigma) if p > 0)
-    return math.exp(entropy)
-
-
-def stable_rank(sigma: list[float]) -> float:
-    """Σσ² / σ1²; 0 for a zero matrix."""
-    if not sigma or sigma[0] <= 0:
-        return 0.0
-    return sum(x * x for x in sigma) / (sigma[0] * sigma[0])
-
-
-def energy_rank(sigma: list[float], threshold: float) -> int:
-    """The smallest k with Σ_{i<=k} σ² >= threshold·Σσ² (0 for a zero matrix)."""
-    energies = [x * x for x in sigma]
-    total = sum(energies)
-    if total <= 0:
-        return 0
-    running = 0.0
-    for k, e in enumerate(energies, start=1):
-        running += e
-        # relative slack: a sum equal to the target up to round-off counts as reaching it
-        if running >= threshold * total * (1 - 1e-12):
-            return k
-    return len(energies)
 
 
 def module_spectra(adapter: Adapter, paths: Iterable[str] | None = None) -> dict[str, list[float]]:

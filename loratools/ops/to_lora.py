@@ -29,10 +29,9 @@ from ..formats.checkpoint import Checkpoint
 from ..report import Report
 from .basemap import BaseNameMapper, adapter_for_base
 from .dequant import read_float32
-from .extract import DEFAULT_MAX_RANK, SEED, low_rank_factors
 from .initial import check_on_base
-from .lowrank import check_rank_or_energy, require_finite
-from .merge_torch import dora_weight
+from .lowrank import DEFAULT_MAX_RANK, SEED, check_rank_or_energy, low_rank_factors, require_finite
+from .merge.kernel_torch import dora_weight
 
 
 @dataclass

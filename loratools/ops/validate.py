@@ -19,8 +19,8 @@ from ..config import CONFIG_NAME, CONVERTIBLE_INITS, AdapterConfig, config_probl
 from ..errors import LoraToolsError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.json_text import read_json_file
-from ..formats.adalora import is_adalora
-from ..formats.peft_dir import BIN_NAME, SAFETENSORS_NAME, read_adalora
+from ..adapter_dir.adalora import is_adalora
+from ..adapter_dir.peft_dir import BIN_NAME, SAFETENSORS_NAME, read_adalora
 from ..formats.tensors import SafetensorsStore, TensorStore, load_pickled_tensors, raw_values
 from ..report import Report
 
@@ -259,7 +259,7 @@ def _check_merge_plan(adapter: Adapter, base: Checkpoint, add) -> None:
     """What the checks above do not see, merge's own plan does (trainable token rows beyond the
     vocabulary, lora_bias without a base bias, tied-weight conflicts...): run it, so that an
     adapter validate passes against a base is one merge takes."""
-    from .merge_plan import plan_merge
+    from .merge import plan_merge
 
     try:
         plan_merge(base, adapter)

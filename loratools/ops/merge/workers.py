@@ -20,7 +20,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from ..errors import FormatError, LoraToolsError
+from ...errors import FormatError, LoraToolsError
 
 Job = TypeVar("Job")
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}

@@ -1,7 +1,7 @@
 """Every merge with torch: one base tensor after the plan's ops, as PEFT's merge_and_unload
 computes it (W + s·B@A in float32 — float64 for a float64 base, as PEFT computes there —, DoRA's
 renormalisation, KaSA's truncation, replaced rows, lora_bias), on CPU or a GPU. (Plain LoRA on
-CPU takes the torch-free merge_numpy.py.)
+CPU takes the torch-free kernel_numpy.py.)
 
 The base tensor may be a view of a read-only memory map: nothing here writes into it; every
 in-place step works on a copy. Results go to a `TensorOutput`, whose `store(value)` takes the
@@ -21,11 +21,11 @@ import warnings
 import numpy as np
 import torch
 
-from ..arch import Layout
-from ..errors import LoraToolsError
-from ..formats.torch_dtypes import TORCH_DTYPES
-from .merge_numpy import ROW_BLOCK_BYTES
-from .merge_plan import MergePlan, TensorOps
+from ...arch import Layout
+from ...errors import LoraToolsError
+from ...formats.torch_dtypes import TORCH_DTYPES
+from .kernel_numpy import ROW_BLOCK_BYTES
+from .plan import MergePlan, TensorOps
 
 CHUNK_BYTES = 1 << 20  # output rows rounded, checked and queued per step: stays in cache
 

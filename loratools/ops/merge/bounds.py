@@ -3,7 +3,7 @@
 merge computes W + Σ s·B@A in float32 (float64 for a float64 base; DoRA: m·(W + ΔW)/‖W + ΔW‖ per row of the (out, in) view;
 KaSA: W without its r smallest singular components, plus s·B·diag(d)·A; lora_bias: b + s·bias;
 saved tensors and trainable tokens: cast into the base's dtype), rounds the result once into the
-output dtype and refuses it if it is not finite (merge_numpy, merge_torch). `require_finite_merge`
+output dtype and refuses it if it is not finite (kernel_numpy, kernel_torch). `require_finite_merge`
 makes that refusal part of the plan, which `validate --base` runs too: validate reports exactly
 what merge refuses, with the same code (`merge-overflow`) and message.
 
@@ -22,7 +22,7 @@ too), so a factor 1 + (r+3)·2⁻²³ covers its rounding. A tensor is settled b
 2. the base tensor read: |W| exactly, plus the row norms of W for DoRA (a norm near 0 makes
    m/‖W + ΔW‖ overflow) and ‖W‖_F for KaSA (it bounds the truncated W): DoRA and KaSA modules
    always come here;
-3. merge's own arithmetic on that one tensor (merge_shard, on the CPU), into a discarded output,
+3. merge's own arithmetic on that one tensor (shard.py, on the CPU), into a discarded output,
    only when even the exact |W| leaves the bound within reach of the limit: factors of ~1e15 and
    more, or |W| + |ΔW| near 65504 on a float16 base. Its failure is merge's own refusal.
 
@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..arch import Layout
-from ..errors import LoraToolsError
-from . import dequant
+from ...arch import Layout
+from ...errors import LoraToolsError
+from .. import dequant
 
 if TYPE_CHECKING:
-    from .merge_plan import MergePlan, TensorOps
+    from .plan import MergePlan, TensorOps
 
 # dtype code -> (significand bits p, exponent of the largest binade): largest = (2 - 2^(1-p))·2^e
 FORMATS = {"BF16": (8, 127), "F16": (11, 15), "F32": (24, 127), "F64": (53, 1023)}
@@ -83,7 +83,7 @@ def limit(out: str, compute: str) -> float:
 
 
 def compute_dtype(held: str) -> str:
-    """The dtype merge adds ΔW in (merge_torch.compute_dtype, merge_numpy): float64 for a float64
+    """The dtype merge adds ΔW in (kernel_torch.compute_dtype, kernel_numpy): float64 for a float64
     base, float32 for every other."""
     return "F64" if held == "F64" else "F32"
 
@@ -135,7 +135,7 @@ def _check_tensor(plan: "MergePlan", name: str, ops: "TensorOps") -> None:
 
 
 def _dtypes(plan: "MergePlan", name: str) -> tuple[str, str]:
-    """(the dtype merge_shard holds the base tensor in, the dtype it rounds the result into)."""
+    """(the dtype shard.py holds the base tensor in, the dtype it rounds the result into)."""
     base = plan.base
     weight = base.quantized.get(name)
     if weight is not None:  # dequantized; with keep_quantized merged in float32, then quantized again
@@ -228,7 +228,7 @@ def _row_blocks(values: np.ndarray, held: str | None):
 
 
 def _held_values(plan: "MergePlan", name: str, held: str) -> np.ndarray:
-    """The base tensor as merge_shard holds it (bf16 as its bits; a quantized weight dequantized)."""
+    """The base tensor as shard.py holds it (bf16 as its bits; a quantized weight dequantized)."""
     base = plan.base
     raw = base.store(name).raw(name)
     weight = base.quantized.get(name)
@@ -318,7 +318,7 @@ def _dora_settled(plan: "MergePlan", module, update: Update, start: Start, large
 
 
 class _Discard:
-    """The writer interface merge_numpy and merge_torch write into: one scratch buffer, reused."""
+    """The writer interface kernel_numpy and kernel_torch write into: one scratch buffer, reused."""
 
     def __init__(self):
         self.scratch = np.empty(0, dtype=np.uint8)
@@ -334,14 +334,15 @@ class _Discard:
 
 
 def _merge_exactly(plan: "MergePlan", name: str, ops: "TensorOps", held: str, out: str) -> LoraToolsError | None:
-    """Merge this one tensor as merge_shard does on the CPU, output discarded: its refusal, or None."""
-    from . import merge_numpy, merge_shard
+    """Merge this one tensor as shard.py does on the CPU, output discarded: its refusal, or None."""
+    from . import kernel_numpy
+    from . import shard as merge_shard
 
     values = _held_values(plan, name, held)
     torch_state = merge_shard._TorchState("cpu")
     try:
         merge_shard._merge_tensor(plan, ops, values.reshape(-1).view(np.uint8), held, out, tuple(plan.base.info(name).shape),
-                                  _Discard(), name, merge_numpy.Workspace(), torch_state)
+                                  _Discard(), name, kernel_numpy.Workspace(), torch_state)
         torch_state.verify()
     except LoraToolsError as exc:
         if exc.code != "non-finite":

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import with_module_ranks
 from ..errors import ConfigError, LoraToolsError, ShapeError
-from .tensors import TensorStore
+from ..formats.tensors import TensorStore
 
 PREFIX = "base_model.model."
 PEFT_TYPE = "ADALORA"

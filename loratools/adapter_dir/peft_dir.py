@@ -10,8 +10,8 @@ from ..adapter import Adapter
 from ..config import CONFIG_NAME, AdapterConfig, config_json, read_raw_config
 from ..errors import FormatError, InputNotFoundError
 from .adalora import PEFT_TYPE, adalora_problems, as_lora, is_adalora
-from .atomic import atomic_dir, default_mode, refuse_overlap, write_error
-from .tensors import MemoryStore, SafetensorsStore, TensorStore, load_pickled_tensors, refuse_non_finite
+from ..formats.atomic import atomic_dir, default_mode, refuse_overlap, write_error
+from ..formats.tensors import MemoryStore, SafetensorsStore, TensorStore, load_pickled_tensors, refuse_non_finite
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -40,7 +40,7 @@ def open_tensors(weights: Path) -> TensorStore:
 
 def read_adapter(path: str | os.PathLike) -> Adapter:
     """Open a local adapter: reads the config and the safetensors header; tensors load on demand.
-    An AdaLoRA adapter is read as the plain LoRA it equals (formats/adalora.py)."""
+    An AdaLoRA adapter is read as the plain LoRA it equals (adapter_dir/adalora.py)."""
     config_path, weights = adapter_files(path)
     raw = read_raw_config(config_path)
     if is_adalora(raw):

@@ -8,16 +8,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from ..adapter import Adapter, LoraModule, TrainableTokens
-from ..arch import Layout, Role
-from ..errors import FormatError, ShapeError, UnsupportedError, UsageError
-from ..formats.checkpoint import Checkpoint
-from ..formats.safetensors_header import FLOAT_DTYPES
-from .basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
-from .initial import check_on_base
-from .merge_bounds import require_finite_merge
-
-DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+from ...adapter import Adapter, LoraModule, TrainableTokens
+from ...arch import Layout, Role
+from ...errors import FormatError, ShapeError, UnsupportedError, UsageError
+from ...formats.checkpoint import Checkpoint
+from ...formats.dtypes import CODE_OF_NAME as DTYPE_CODES
+from ...formats.dtypes import FLOAT_CODES
+from ..basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
+from ..initial import check_on_base
+from .bounds import require_finite_merge
 
 
 @dataclass
@@ -157,7 +156,7 @@ def _outputs(base: Checkpoint, out_dtype: str | None, keep_quantized: bool, unti
                 continue
             else:
                 stored = base.info(name)  # a quantized weight: its dequantized dtype and shape
-                dtype = out_dtype if out_dtype and stored.dtype in FLOAT_DTYPES else stored.dtype
+                dtype = out_dtype if out_dtype and stored.dtype in FLOAT_CODES else stored.dtype
             entries.append(OutputTensor(name, dtype, tuple(stored.shape), name))
             if name in head_of:
                 entries.append(OutputTensor(head_of[name], dtype, tuple(stored.shape), name))

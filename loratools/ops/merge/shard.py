@@ -4,8 +4,8 @@ The base is read through a memory map, so its bytes go from the page cache strai
 arithmetic (no read into a buffer first). Tensors the adapter does not touch are copied in
 the kernel (copy_file_range); touched ones are computed block by block into small reusable buffers that a
 background thread writes while the next block is computed (see StreamingSafetensorsWriter).
-Plain LoRA on CPU is merged with numpy (merge_numpy.py); torch is imported only for what needs
-it (merge_torch.py: DoRA, KaSA, replaced rows, lora_bias, other dtypes, a GPU).
+Plain LoRA on CPU is merged with numpy (kernel_numpy.py); torch is imported only for what needs
+it (kernel_torch.py: DoRA, KaSA, replaced rows, lora_bias, other dtypes, a GPU).
 
 A quantized weight (formats/quantized.py) is dequantized (dequant.py: bnb into its quant
 state's dtype, bit for bit as bitsandbytes does; FP8 into float32) and merged from there; its
@@ -21,9 +21,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..formats.safetensors_writer import StreamingSafetensorsWriter
-from . import dequant, merge_numpy
-from .merge_plan import MergePlan, TensorOps
+from ...formats.safetensors_writer import StreamingSafetensorsWriter
+from .. import dequant
+from . import kernel_numpy
+from .plan import MergePlan, TensorOps
 
 PAGE = mmap.PAGESIZE
 
@@ -48,12 +49,12 @@ def needs_torch(plan: MergePlan, device: str) -> bool:
             ops, dtype, shape = plan.ops.get(out.name), out.dtype, out.shape
             if _dequantizes(plan, out.name):
                 if ops is None:
-                    continue  # stored as dequantized, or rounded by merge_numpy.store
+                    continue  # stored as dequantized, or rounded by kernel_numpy.store
                 in_dtype = dequant.value_dtype(plan.base.quantized[out.name])
                 dtype = "F32" if plan.keep_quantized else dtype  # merged in float32, then quantized again
             else:
                 in_dtype = plan.base.shards[shard].tensors[out.source].dtype
-            if (ops is None and dtype != in_dtype) or (ops is not None and not merge_numpy.handles(ops, in_dtype, dtype, shape)):
+            if (ops is None and dtype != in_dtype) or (ops is not None and not kernel_numpy.handles(ops, in_dtype, dtype, shape)):
                 return True
     return False
 
@@ -70,7 +71,7 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
         torch_state = _TorchState(device)
         writer = StreamingSafetensorsWriter(fout, out_entries(plan, shard), header.metadata or {"format": "pt"},
                                             allocate=torch_state.allocator())
-        work = merge_numpy.Workspace()
+        work = kernel_numpy.Workspace()
         requantized: dict[str, np.ndarray] = {}  # keep_quantized: a changed weight's other part, until written
         requantized_by = _requantized_by(plan)
         try:
@@ -91,7 +92,7 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str =
                     if ops is None and held == dtype:  # bnb's own dtype: written as dequantized
                         writer.write(values)
                     elif ops is None:
-                        merge_numpy.store(values, held, dtype, writer, name, work)
+                        kernel_numpy.store(values, held, dtype, writer, name, work)
                     else:
                         _merge_tensor(plan, ops, values.reshape(-1).view(np.uint8), held, dtype, shape, writer, name, work, torch_state)
                 elif ops is None and dtype == info.dtype:  # copied in the kernel, page cache to page cache
@@ -160,13 +161,13 @@ class _ArrayWriter:
 
 def _merge_tensor(plan: MergePlan, ops: TensorOps | None, raw: memoryview, in_dtype: str, out_dtype: str,
                   shape: tuple[int, ...], writer: StreamingSafetensorsWriter, name: str, work, torch_state) -> None:
-    if torch_state.device == "cpu" and ops is not None and merge_numpy.handles(ops, in_dtype, out_dtype, shape):
-        stored = np.dtype(merge_numpy.DTYPES[in_dtype])
+    if torch_state.device == "cpu" and ops is not None and kernel_numpy.handles(ops, in_dtype, out_dtype, shape):
+        stored = np.dtype(kernel_numpy.DTYPES[in_dtype])
         flat = np.frombuffer(raw, dtype=np.uint8)
         if flat.ctypes.data % stored.itemsize:  # other writers need not align tensors: copy this one
             flat = flat.copy()
         base = flat.view(stored).reshape(shape)
-        merge_numpy.merge_tensor(plan, ops, base, in_dtype, out_dtype, writer, name, work)
+        kernel_numpy.merge_tensor(plan, ops, base, in_dtype, out_dtype, writer, name, work)
     else:
         torch_state.merge(plan, ops, np.frombuffer(raw, dtype=np.uint8), in_dtype, out_dtype, shape, writer, name)
 
@@ -179,13 +180,13 @@ class _TorchState:
         self._state = None
 
     def _module(self):
-        from . import merge_torch
+        from . import kernel_torch
 
         if self._state is None:
             import torch
 
-            self._state = merge_torch.DeviceState(torch.device(self.device))
-        return merge_torch
+            self._state = kernel_torch.DeviceState(torch.device(self.device))
+        return kernel_torch
 
     def allocator(self):
         if self.device == "cpu":

@@ -1,11 +1,11 @@
 """Merge an adapter into base weights, streaming, with the semantics of PEFT's merge_and_unload.
 
-Two phases. `plan_merge` (merge_plan.py) reads headers only: it maps every adapter module and
+Two phases. `plan_merge` (plan.py) reads headers only: it maps every adapter module and
 extra tensor onto a base tensor, checks shapes and dtypes, and fails before anything is written.
 `merge_checkpoint` then writes the output: every shard is streamed tensor by tensor
-(merge_shard.py: untouched tensors copied byte for byte, touched ones changed in float32 and
+(shard.py: untouched tensors copied byte for byte, touched ones changed in float32 and
 rounded once into the output dtype), shards in parallel worker processes on CPU
-(shard_workers.py), and the whole output appears at once when complete (formats/atomic.py).
+(workers.py), and the whole output appears at once when complete (formats/atomic.py).
 """
 
 from __future__ import annotations
@@ -13,57 +13,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from ..errors import UsageError
-from ..formats.atomic import atomic_dir, atomic_file, refuse_overlap
-from ..formats.checkpoint import INDEX_NAME
-from ..formats.safetensors_writer import tensor_nbytes
-from ..report import Report
-from . import merge_shard
-from .merge_plan import DTYPE_CODES, MergePlan, plan_merge  # noqa: F401  (plan_merge: public here too)
-from .shard_workers import available_cpus, run_jobs
-
-if TYPE_CHECKING:
-    import torch
-
-# ---- execution ------------------------------------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> "torch.device":
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    return dev
-
-
-def resolve_device_name(device: str = "auto") -> str:
-    """resolve_device as a string, without importing torch (~1.5 s) when the answer is the CPU:
-    "auto" on a Linux machine with no GPU driver at all is the CPU."""
-    if device == "cpu" or (device == "auto" and sys.platform.startswith("linux") and not _gpu_driver()):
-        return "cpu"
-    return str(resolve_device(device))
-
-
-def _gpu_driver() -> bool:
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd"))
-
+from ...errors import UsageError
+from ...formats.atomic import atomic_dir, atomic_file, refuse_overlap
+from ...formats.checkpoint import INDEX_NAME
+from ...formats.safetensors_writer import tensor_nbytes
+from ...report import Report
+from ..device import resolve_device, resolve_device_name  # noqa: F401  (resolve_device: public here too)
+from . import shard as merge_shard
+from .plan import DTYPE_CODES, MergePlan, plan_merge  # noqa: F401  (plan_merge: public here too)
+from .workers import available_cpus, run_jobs
 
 @dataclass
 class MergeReport(Report):

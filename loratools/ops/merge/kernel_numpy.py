@@ -3,7 +3,7 @@
 Importing torch costs ~1.5 s, as long as merging a 1B model takes; plain LoRA on Linear,
 Conv1D and Embedding weights (nearly every adapter) needs only a matrix product, which numpy
 does with the same float32 arithmetic. Everything else (DoRA, KaSA, replaced rows, lora_bias,
-other dtypes, a GPU) goes through merge_math.py with torch.
+other dtypes, a GPU) goes through kernel_torch.py with torch.
 
 Row blocks of ~1 MB: widen into a float32 block, add the products, round once
 into a writer buffer (bfloat16: round to nearest even on the bits, as torch does), check, queue.
@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arch import Layout
-from ..errors import LoraToolsError
-from .merge_plan import MergePlan, TensorOps
+from ...arch import Layout
+from ...errors import LoraToolsError
+from ...formats.dtypes import HELD
+from ..rounding import round_to_bf16
+from .plan import MergePlan, TensorOps
 
 ROW_BLOCK_BYTES = 1 << 20  # float32 rows processed per step: small enough to stay in cache
 
-DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}  # as stored (bf16 as its bits)
+DTYPES = {code: np.dtype(held).type for code, held in HELD.items()}  # as stored (bf16 as its bits)
 # Magnitude bits (sign cleared) of a float32 at or above which bfloat16 rounding gives Inf or NaN.
 BF16_OVERFLOW = 0x7F7F8000
 
@@ -99,12 +101,7 @@ def _round_into(block: np.ndarray, target: np.ndarray, out_dtype: str, scratch: 
     if out_dtype == "BF16":
         if largest >= BF16_OVERFLOW:
             _not_finite(name, "bfloat16")
-        # round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, keep the top half
-        np.right_shift(bits, 16, out=scratch)
-        np.bitwise_and(scratch, 1, out=scratch)
-        np.add(scratch, 0x7FFF, out=scratch)
-        np.add(scratch, bits, out=scratch)
-        np.right_shift(scratch, 16, out=target, casting="unsafe")
+        round_to_bf16(bits, target, scratch)
     elif out_dtype == "F16":
         if largest >= 0x7F800000:
             _not_finite(name, "float32")
