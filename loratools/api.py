@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .ops.export_gguf import ExportReport
     from .ops.extract import ExtractReport
     from .ops.info import InfoReport
-    from .ops.merge import MergeReport
+    from .ops.merge import MergeReport, PlanReport
     from .ops.resize import ResizeReport
     from .ops.svd import SvdReport
     from .ops.to_lora import ToLoraReport
@@ -128,7 +128,8 @@ def merge(
     workers: int | None = None,
     keep_quantized: bool = False,
     initial: AdapterSpec | None = None,
-) -> MergeReport:
+    dry_run: bool = False,
+) -> MergeReport | PlanReport:
     """Merge `adapter` into the checkpoint `base` and write `out`, as PEFT's merge_and_unload would.
 
     base: a model directory (model.safetensors or sharded with an index), a .safetensors file or a
@@ -141,15 +142,19 @@ def merge(
     keep_quantized=True (FP8 only) writes changed weights quantized again instead. initial: for a
     PiSSA/OLoRA/CorDA/LoRA-GA adapter, the adapter PEFT saved before training (it is merged as
     A′ = [A; A0], B′ = [B | −B0] into the original base).
+    dry_run: plan only and return the plan (a PlanReport: every output tensor, what makes it, with
+    which kernel, from which adapter tensors); nothing is written.
     Returns a MergeReport. Everything is checked before the first byte is written; `out` appears
     only when complete.
     """
-    from .ops.merge import merge_checkpoint, plan_merge
+    from .ops.merge import PlanReport, merge_checkpoint, plan_merge, resolve_device_name
 
     adapter = _adapter(adapter)
     if initial is not None:
         adapter = with_initial(adapter, initial)
     plan = plan_merge(_open_base(base), adapter, scale=scale, dtype=dtype, keep_quantized=keep_quantized)
+    if dry_run:
+        return PlanReport(plan.on_device(resolve_device_name(device)), os.fspath(out))
     return merge_checkpoint(plan, out, device=device, force=force, progress=progress, workers=workers)
 
 

@@ -122,9 +122,10 @@ def info(adapter: str, base: str | None, compare_base: str | None, as_json: bool
 @click.option("--initial", help="PiSSA/OLoRA/CorDA/LoRA-GA adapter: the initial adapter PEFT saved before training.")
 @click.option("--workers", type=int, help="Shards merged at once on CPU, one process each [default: one per core].")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--dry-run", is_flag=True, help="Plan only: list every output tensor (action, kernel, dtypes, adapter tensors feeding it); write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (schema in the README).")
-def merge(base, adapter, out, device, scale, dtype, keep_quantized, initial, workers, force, quiet, as_json) -> None:
+def merge(base, adapter, out, device, scale, dtype, keep_quantized, initial, workers, force, dry_run, quiet, as_json) -> None:
     """Merge ADAPTER into the BASE checkpoint and write OUT, like PEFT's merge_and_unload.
 
     BASE is a model directory (model.safetensors, or shards with model.safetensors.index.json),
@@ -135,9 +136,9 @@ def merge(base, adapter, out, device, scale, dtype, keep_quantized, initial, wor
     """
     from .api import merge as run_merge
 
-    with _progress_bar(enabled=not quiet and not as_json, label="merging") as progress:
+    with _progress_bar(enabled=not quiet and not as_json and not dry_run, label="merging") as progress:
         report = run_merge(base, adapter, out, device=device, scale=scale, dtype=dtype, force=force, progress=progress,
-                           workers=workers, keep_quantized=keep_quantized, initial=initial)
+                           workers=workers, keep_quantized=keep_quantized, initial=initial, dry_run=dry_run)
     _emit(report, as_json, quiet)
 
 

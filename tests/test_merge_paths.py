@@ -17,7 +17,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import loratools
-from loratools.ops.merge import kernel_numpy as merge_numpy
 from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
 from tests.test_merge import _digest, merged_tensors
 from tests.tiny_models import build_base
@@ -37,7 +36,10 @@ def test_workers_write_the_same_bytes(tmp_path):
 
 
 def _without_numpy_kernel(monkeypatch):
-    monkeypatch.setattr(merge_numpy, "handles", lambda *args: False)
+    """Plans that give every computed tensor to the torch kernel."""
+    from loratools.ops.merge import plan
+
+    monkeypatch.setattr(plan, "kernel_for", lambda *args: "torch")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

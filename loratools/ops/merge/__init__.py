@@ -11,8 +11,9 @@
 `loratools.ops.merge` is the engine's public face: what it exports here is what callers use.
 """
 
-from .plan import DTYPE_CODES, MergePlan, OutputTensor, TensorOps, plan_merge
-from .run import MergeReport, merge_checkpoint, resolve_device, resolve_device_name
+from .plan import DTYPE_CODES, MergePlan, OutputTensor, PlanReport, TensorOps, plan_merge
+from ..device import resolve_device, resolve_device_name
+from .run import MergeReport, merge_checkpoint
 
-__all__ = ["DTYPE_CODES", "MergePlan", "MergeReport", "OutputTensor", "TensorOps", "merge_checkpoint", "plan_merge",
+__all__ = ["DTYPE_CODES", "MergePlan", "MergeReport", "OutputTensor", "PlanReport", "TensorOps", "merge_checkpoint", "plan_merge",
            "resolve_device", "resolve_device_name"]

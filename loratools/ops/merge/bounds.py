@@ -33,7 +33,7 @@ and for DoRA/KaSA), and no adapter is refused that merge would merge.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -338,11 +338,15 @@ def _merge_exactly(plan: "MergePlan", name: str, ops: "TensorOps", held: str, ou
     from . import kernel_numpy
     from . import shard as merge_shard
 
+    from .plan import OutputTensor, kernel_for
+
     values = _held_values(plan, name, held)
+    shape = tuple(plan.base.info(name).shape)
+    tensor = OutputTensor(name, out, shape, name, "merge", kernel_for(ops, held, out, shape, "cpu"), held)
     torch_state = merge_shard._TorchState("cpu")
     try:
-        merge_shard._merge_tensor(plan, ops, values.reshape(-1).view(np.uint8), held, out, tuple(plan.base.info(name).shape),
-                                  _Discard(), name, kernel_numpy.Workspace(), torch_state)
+        merge_shard._merge_tensor(replace(plan, ops={name: ops}), tensor, values.reshape(-1).view(np.uint8), _Discard(),
+                                  kernel_numpy.Workspace(), torch_state)
         torch_state.verify()
     except LoraToolsError as exc:
         if exc.code != "non-finite":

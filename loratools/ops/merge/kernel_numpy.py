@@ -11,28 +11,23 @@ into a writer buffer (bfloat16: round to nearest even on the bits, as torch does
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ...arch import Layout
 from ...errors import LoraToolsError
 from ...formats.dtypes import HELD
 from ..rounding import round_to_bf16
-from .plan import MergePlan, TensorOps
+
+if TYPE_CHECKING:
+    from .plan import MergePlan, TensorOps
 
 ROW_BLOCK_BYTES = 1 << 20  # float32 rows processed per step: small enough to stay in cache
 
 DTYPES = {code: np.dtype(held).type for code, held in HELD.items()}  # as stored (bf16 as its bits)
 # Magnitude bits (sign cleared) of a float32 at or above which bfloat16 rounding gives Inf or NaN.
 BF16_OVERFLOW = 0x7F7F8000
-
-
-def handles(ops: TensorOps, in_dtype: str, out_dtype: str, shape: tuple[int, ...]) -> bool:
-    """Whether this tensor's merge is one numpy does: additive low-rank updates only."""
-    return (
-        in_dtype in DTYPES and out_dtype in DTYPES and len(shape) == 2
-        and bool(ops.modules) and ops.replace_key is None and not ops.rows and not ops.lora_biases
-        and all(m.diag_key is None and m.magnitude_key is None for m in ops.modules)
-    )
 
 
 class Workspace:

@@ -13,7 +13,9 @@ from ...arch import Layout, Role
 from ...errors import FormatError, ShapeError, UnsupportedError, UsageError
 from ...formats.checkpoint import Checkpoint
 from ...formats.dtypes import CODE_OF_NAME as DTYPE_CODES
-from ...formats.dtypes import FLOAT_CODES
+from ...formats.dtypes import FLOAT_CODES, HELD
+from ...report import Report
+from .. import dequant
 from ..basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
 from ..initial import check_on_base
 from .bounds import require_finite_merge
@@ -29,14 +31,37 @@ class TensorOps:
     lora_biases: list[LoraModule] = field(default_factory=list)  # add s·lora_B.bias
 
 
+# What the executor does to make one output tensor:
+ACTIONS = {
+    "copy": "the stored bytes, copied as they are (in the kernel: copy_file_range)",
+    "cast": "the stored values converted into another dtype (--dtype)",
+    "dequantize": "a quantized weight decoded and written in its output dtype",
+    "merge": "changed by the adapter: W + ΔW (DoRA, KaSA, lora_bias, trainable-token rows)",
+    "replace": "replaced outright by a tensor the adapter saved (modules_to_save, saved embeddings)",
+    "requantize": "a changed FP8 weight, or its scales, quantized again (--keep-quantized)",
+}
+KERNELS = ("numpy", "torch")  # what computes a cast/merge/replace/requantize (kernel_numpy.py, kernel_torch.py)
+
+
 @dataclass(frozen=True)
 class OutputTensor:
-    """One tensor of OUT, as the plan decides it: the executor writes exactly these."""
+    """One tensor of OUT, as the plan decides it: the executor writes exactly these, doing what
+    `action` says with `kernel`; nothing about a tensor is decided after planning."""
 
     name: str
     dtype: str  # dtype code it is written in
     shape: tuple[int, ...]
     source: str  # the base tensor it is made from: itself, or the embedding an untied head was tied to
+    action: str = "copy"  # a key of ACTIONS
+    kernel: str | None = None  # one of KERNELS where values are computed; None for copy and plain dequantize
+    held: str | None = None  # the dtype code the values are computed from (stored, or dequantized into)
+    quantized: str | None = None  # the quantized weight it is decoded from, or quantized into with its scales
+    feeds: tuple[str, ...] = ()  # the adapter tensors that change it, in the order they are applied
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "source": self.source,
+                "action": self.action, "kernel": self.kernel, "held": self.held, "quantized": self.quantized,
+                "feeds": list(self.feeds)}
 
 
 @dataclass
@@ -49,10 +74,49 @@ class MergePlan:
     keep_quantized: bool = False  # write changed quantized weights quantized again (FP8), not dequantized
     untied: dict[str, str] = field(default_factory=dict)  # head written as its own tensor -> the embedding it was tied to
     outputs: dict[str, list[OutputTensor]] = field(default_factory=dict)  # shard -> its tensors in OUT, in file order
+    device: str = "cpu"  # where computed tensors are computed: it decides their kernels
+
+    def on_device(self, device: str) -> "MergePlan":
+        """The same plan computed on `device` ("cpu" or a torch device string): on a GPU every
+        computed tensor goes through torch."""
+        if device == self.device:
+            return self
+        return replace(self, device=device, outputs=_outputs(self.base, self.ops, self.out_dtype, self.keep_quantized,
+                                                             self.untied, device))
+
+    def to_dict(self) -> dict:
+        """The plan as data (`merge --dry-run --json`)."""
+        return {"base": str(self.base.path), "adapter": str(self.adapter.source), "scale": self.scale,
+                "dtype": self.out_dtype, "keep_quantized": self.keep_quantized, "device": self.device,
+                "untied": dict(self.untied),
+                "shards": {shard: [out.to_dict() for out in outs] for shard, outs in self.outputs.items()}}
+
+
+@dataclass
+class PlanReport(Report):
+    """`merge --dry-run`: the plan, nothing written."""
+
+    plan: MergePlan
+    out: str
+
+    def _json(self) -> dict:
+        return {**self.plan.to_dict(), "out": self.out, "dry_run": True}
+
+    def render(self) -> str:
+        outs = [o for outputs in self.plan.outputs.values() for o in outputs]
+        counts = {action: sum(o.action == action for o in outs) for action in ACTIONS}
+        lines = [f"would write {self.out}: {len(outs)} tensors in {len(self.plan.outputs)} shard(s) on {self.plan.device}: "
+                 + ", ".join(f"{n} {action}" for action, n in counts.items() if n)]
+        for o in outs:
+            if o.action not in ("copy", "cast"):
+                source = "" if o.source == o.name else f" (from {o.source})"
+                lines.append(f"  {o.action:<10} {o.kernel or '-':<5} {o.held or '-':>4} -> {o.dtype:<4} {o.name}{source}"
+                             + (f"  <- {len(o.feeds)} adapter tensor(s)" if o.feeds else ""))
+        return "\n".join(lines)
 
 
 def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: str | None = None,
-               keep_quantized: bool = False) -> MergePlan:
+               keep_quantized: bool = False, device: str = "cpu") -> MergePlan:
     """Map the adapter onto the base and check everything that can be checked from headers
     (and the adapter's own values, which are small): every refusal happens here.
     A quantized base is dequantized: the output is bfloat16 unless `dtype` says otherwise."""
@@ -132,19 +196,25 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
                                        code="quantized-base")
     out_dtype = DTYPE_CODES[dtype] if dtype else None
     plan = MergePlan(base, adapter, ops, scale, out_dtype, keep_quantized, heads.untied,
-                     _outputs(base, out_dtype, keep_quantized, heads.untied))
+                     _outputs(base, ops, out_dtype, keep_quantized, heads.untied, device), device)
     for checked in heads.by_base_tensor(plan):  # the bound check finds each changed tensor in the base by name
         require_finite_merge(checked)
     return plan
 
 
-def _outputs(base: Checkpoint, out_dtype: str | None, keep_quantized: bool, untied: dict[str, str]) -> dict[str, list[OutputTensor]]:
-    """Every tensor of OUT, shard by shard in file order, with the dtype it is written in.
-    --dtype casts the model's float tensors. With keep_quantized a quantized weight keeps its
-    stored format (FP8 codes; a changed one quantized again) and so do its float32 scales,
-    which are not the model's floats; otherwise it is written dequantized and its scales and code
-    maps are dropped. An untied head follows the embedding it is made from."""
+def _outputs(base: Checkpoint, ops: dict[str, TensorOps], out_dtype: str | None, keep_quantized: bool,
+             untied: dict[str, str], device: str) -> dict[str, list[OutputTensor]]:
+    """Every tensor of OUT, shard by shard in file order, with the dtype it is written in and
+    what makes it. --dtype casts the model's float tensors. With keep_quantized a quantized
+    weight keeps its stored format (FP8 codes; a changed one quantized again) and so do its
+    float32 scales, which are not the model's floats; otherwise it is written dequantized and its
+    scales and code maps are dropped. An untied head follows the embedding it is made from."""
     head_of = {embed: head for head, embed in untied.items()}
+    requantized = {}  # keep_quantized: every stored tensor of a changed quantized weight -> that weight
+    if keep_quantized:
+        for name in ops:
+            if name in base.quantized:
+                requantized.update({part: name for part in base.quantized[name].parts.values()} | {name: name})
     outputs = {}
     for shard, header in base.shards.items():
         entries = []
@@ -157,11 +227,56 @@ def _outputs(base: Checkpoint, out_dtype: str | None, keep_quantized: bool, unti
             else:
                 stored = base.info(name)  # a quantized weight: its dequantized dtype and shape
                 dtype = out_dtype if out_dtype and stored.dtype in FLOAT_CODES else stored.dtype
-            entries.append(OutputTensor(name, dtype, tuple(stored.shape), name))
-            if name in head_of:
-                entries.append(OutputTensor(head_of[name], dtype, tuple(stored.shape), name))
+            shape = tuple(stored.shape)
+            decoded = name in base.quantized and not keep_quantized
+            entries.append(_output(base, ops, name, name, dtype, shape, decoded, requantized.get(name), device))
+            if name in head_of:  # (plan_merge refuses to untie a quantized embedding)
+                entries.append(_output(base, ops, head_of[name], name, dtype, shape, False, None, device))
         outputs[shard] = entries
     return outputs
+
+
+def _output(base: Checkpoint, ops: dict[str, TensorOps], name: str, source: str, dtype: str, shape: tuple[int, ...],
+            decoded: bool, requantized: str | None, device: str) -> OutputTensor:
+    """What makes output tensor `name` (from base tensor `source`)."""
+    op = ops.get(name)
+    if requantized is not None:  # merged in float32, then quantized again with its new scales
+        weight = base.quantized[requantized]
+        held = dequant.value_dtype(weight)
+        kernel = kernel_for(ops[requantized], held, "F32", tuple(weight.shape), device)
+        return OutputTensor(name, dtype, shape, source, "requantize", kernel, held, requantized,
+                            _feeds(ops[requantized]) if name == requantized else ())
+    quantized = source if decoded else None
+    held = dequant.value_dtype(base.quantized[source]) if quantized else base.shards[base.weight_map[source]].tensors[source].dtype
+    if op is None:
+        if quantized:  # decoded into its own dtype, rounded by the numpy store if another is asked for
+            return OutputTensor(name, dtype, shape, source, "dequantize", None if held == dtype else "numpy", held, quantized)
+        if dtype == held:
+            return OutputTensor(name, dtype, shape, source, "copy")
+        return OutputTensor(name, dtype, shape, source, "cast", "torch", held)
+    action = "replace" if op.replace_key and not (op.modules or op.lora_biases or op.rows) else "merge"
+    return OutputTensor(name, dtype, shape, source, action, kernel_for(op, held, dtype, shape, device), held, quantized,
+                        _feeds(op))
+
+
+def kernel_for(op: TensorOps, held: str, dtype: str, shape: tuple[int, ...], device: str) -> str:
+    """numpy for additive low-rank updates of a 2-D bf16/f16/f32 weight on CPU (torch is never
+    imported for them); torch for everything else (DoRA, KaSA, rows, lora_bias, replacements,
+    other dtypes, a GPU)."""
+    numpy = (
+        device == "cpu" and held in HELD and dtype in HELD and len(shape) == 2
+        and bool(op.modules) and op.replace_key is None and not op.rows and not op.lora_biases
+        and all(m.diag_key is None and m.magnitude_key is None for m in op.modules)
+    )
+    return "numpy" if numpy else "torch"
+
+
+def _feeds(op: TensorOps) -> tuple[str, ...]:
+    keys = [op.replace_key] if op.replace_key else []
+    keys += [t.key for t in op.rows]
+    keys += [k for m in op.modules for k in (m.a_key, m.b_key, m.magnitude_key, m.diag_key) if k]
+    keys += [m.lora_bias_key for m in op.lora_biases]
+    return tuple(keys)
 
 
 class _TiedHeads:

@@ -21,11 +21,12 @@ from typing import Callable
 from ...errors import UsageError
 from ...formats.atomic import atomic_dir, atomic_file, refuse_overlap
 from ...formats.checkpoint import INDEX_NAME
+from ...formats.dtypes import DTYPES
 from ...formats.safetensors_writer import tensor_nbytes
 from ...report import Report
-from ..device import resolve_device, resolve_device_name  # noqa: F401  (resolve_device: public here too)
+from ..device import resolve_device_name
 from . import shard as merge_shard
-from .plan import DTYPE_CODES, MergePlan, plan_merge  # noqa: F401  (plan_merge: public here too)
+from .plan import MergePlan
 from .workers import available_cpus, run_jobs
 
 @dataclass
@@ -69,6 +70,7 @@ def merge_checkpoint(
     workers: shards merged at once on CPU, each in its own process (default: one per core)."""
     started = time.perf_counter()
     dev = resolve_device_name(device)
+    plan = plan.on_device(dev)  # the kernel of every computed tensor depends on it
     workers = _worker_count(workers, dev, len(plan.base.shards))
     base = plan.base
     out = Path(out)
@@ -135,8 +137,8 @@ def _write_shards(plan: MergePlan, jobs: list[tuple[Path, str, Path]], dev: str,
     """Every shard written; on CPU in worker processes (forked: they inherit the plan), on a
     device in this process, one shard after the other."""
     if dev != "cpu":
-        return sum(merge_shard.write_shard(plan, src, shard, dst, dev, progress) for src, shard, dst in jobs)
-    if merge_shard.needs_torch(plan, dev):
+        return sum(merge_shard.write_shard(plan, src, shard, dst, progress) for src, shard, dst in jobs)
+    if merge_shard.needs_torch(plan):
         import torch  # once, here: forked workers inherit it instead of each importing it
 
         threads = max(1, available_cpus() // workers)
@@ -151,7 +153,7 @@ def _write_shards(plan: MergePlan, jobs: list[tuple[Path, str, Path]], dev: str,
         # numpy's BLAS would start a thread per core in every worker, spinning against each
         # other on the small products of a merge (measured: 10x slower); one thread each.
         with threadpool_limits(limits=1, user_api="blas"):
-            return merge_shard.write_shard(plan, *job, dev, report)
+            return merge_shard.write_shard(plan, *job, report)
 
     return sum(run_jobs(jobs, work, workers, describe=lambda job: f"base shard {job[1]}", progress=progress))
 
@@ -179,11 +181,10 @@ class _ProgressAdapter:
 
 
 def _index_json(plan: MergePlan) -> str:
-    index = json.loads(json.dumps(plan.base.index))  # a deep copy
-    if not plan.keep_quantized:  # a dequantized base loses its scales and code maps
-        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in plan.base.quant_parts}
-    for head, embed in plan.untied.items():  # written beside the embedding it was tied to
-        index["weight_map"][head] = plan.base.weight_map[embed]
+    """The base's index with OUT's weight map: exactly the planned output tensors (a dequantized
+    base loses its scales and code maps; an untied head is written beside its embedding)."""
+    index = json.loads(json.dumps(plan.base.index))  # a deep copy: other fields are kept
+    index["weight_map"] = {out.name: shard for shard, outputs in plan.outputs.items() for out in outputs}
     total = sum(tensor_nbytes(out.dtype, out.shape) for outputs in plan.outputs.values() for out in outputs)
     index.setdefault("metadata", {})["total_size"] = total
     return json.dumps(index, indent=2, sort_keys=True) + "\n"
@@ -199,7 +200,7 @@ def _record_config(config_path: Path, plan: MergePlan) -> None:
             if isinstance(part, dict):
                 part["tie_word_embeddings"] = False
     if plan.out_dtype:
-        name = {v: k for k, v in DTYPE_CODES.items()}[plan.out_dtype]
+        name = DTYPES[plan.out_dtype].name
         keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
         config.update({key: name for key in keys})
     if plan.base.quantized and not plan.keep_quantized:

@@ -24,7 +24,7 @@ import numpy as np
 from ...formats.safetensors_writer import StreamingSafetensorsWriter
 from .. import dequant
 from . import kernel_numpy
-from .plan import MergePlan, TensorOps
+from .plan import MergePlan, OutputTensor
 
 PAGE = mmap.PAGESIZE
 
@@ -34,73 +34,51 @@ def out_entries(plan: MergePlan, shard: str) -> list[tuple[str, str, tuple[int, 
     return [(out.name, out.dtype, out.shape) for out in plan.outputs[shard]]
 
 
-def _dequantizes(plan: MergePlan, name: str) -> bool:
-    """Whether this tensor is read by dequantizing it (else: its stored bytes are the values)."""
-    return name in plan.base.quantized and (not plan.keep_quantized or name in plan.ops)
+def needs_torch(plan: MergePlan) -> bool:
+    """Whether the plan computes some tensor with torch (a parent process imports it once,
+    before its workers fork, rather than each worker importing it)."""
+    return plan.device != "cpu" or any(out.kernel == "torch" for outs in plan.outputs.values() for out in outs)
 
 
-def needs_torch(plan: MergePlan, device: str) -> bool:
-    """Whether merging this plan on `device` uses torch for some tensor (a parent process
-    imports it once, before its workers fork, rather than each worker importing it)."""
-    if device != "cpu":
-        return True
-    for shard, outputs in plan.outputs.items():
-        for out in outputs:
-            ops, dtype, shape = plan.ops.get(out.name), out.dtype, out.shape
-            if _dequantizes(plan, out.name):
-                if ops is None:
-                    continue  # stored as dequantized, or rounded by kernel_numpy.store
-                in_dtype = dequant.value_dtype(plan.base.quantized[out.name])
-                dtype = "F32" if plan.keep_quantized else dtype  # merged in float32, then quantized again
-            else:
-                in_dtype = plan.base.shards[shard].tensors[out.source].dtype
-            if (ops is None and dtype != in_dtype) or (ops is not None and not kernel_numpy.handles(ops, in_dtype, dtype, shape)):
-                return True
-    return False
-
-
-def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, device: str = "cpu",
-                progress: Callable[[int], None] | None = None) -> int:
-    """Write the merged `shard` of the base (file `src`) to `dst`; returns the bytes written.
-    device: "cpu" or a torch device string."""
+def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, progress: Callable[[int], None] | None = None) -> int:
+    """Write the merged `shard` of the base (file `src`) to `dst`, as the plan's output tensors
+    say; returns the bytes written. Computed on plan.device ("cpu" or a torch device string)."""
     header = plan.base.shards[shard]
     outputs = plan.outputs[shard]
     header.check_unchanged()  # the map below must be of the file the plan was made from
     with open(src, "rb") as fin, open(dst, "wb", buffering=0) as fout:
         source = _SourceMap(fin.fileno(), header.data_start)
-        torch_state = _TorchState(device)
+        torch_state = _TorchState(plan.device)
         writer = StreamingSafetensorsWriter(fout, out_entries(plan, shard), header.metadata or {"format": "pt"},
                                             allocate=torch_state.allocator())
         work = kernel_numpy.Workspace()
-        requantized: dict[str, np.ndarray] = {}  # keep_quantized: a changed weight's other part, until written
-        requantized_by = _requantized_by(plan)
+        requantized: dict[str, np.ndarray] = {}  # a changed FP8 weight's other part, until written
         try:
             for i, out in enumerate(outputs):
-                name, dtype, shape, info = out.name, out.dtype, out.shape, header.tensors[out.source]
+                info = header.tensors[out.source]
                 if i + 1 < len(outputs):
                     source.prefetch(header.tensors[outputs[i + 1].source])
-                writer.begin(name)
-                ops = plan.ops.get(name)
-                requantize = requantized_by.get(name)
-                if name in requantized:
-                    writer.write(requantized.pop(name))
-                elif requantize is not None:
-                    requantized.update(_requantize(plan, requantize, source, work, torch_state))
-                    writer.write(requantized.pop(name))
-                elif _dequantizes(plan, name):
-                    values, held = _dequantize(plan, name, source)
-                    if ops is None and held == dtype:  # bnb's own dtype: written as dequantized
-                        writer.write(values)
-                    elif ops is None:
-                        kernel_numpy.store(values, held, dtype, writer, name, work)
-                    else:
-                        _merge_tensor(plan, ops, values.reshape(-1).view(np.uint8), held, dtype, shape, writer, name, work, torch_state)
-                elif ops is None and dtype == info.dtype:  # copied in the kernel, page cache to page cache
+                writer.begin(out.name)
+                if out.action == "copy":  # in the kernel, page cache to page cache
                     writer.copy(fin.fileno(), header.data_start + info.start, info.end - info.start)
+                elif out.action == "requantize":
+                    if out.name not in requantized:
+                        requantized.update(_requantize(plan, out, source, work, torch_state))
+                    writer.write(requantized.pop(out.name))
                 else:
-                    _merge_tensor(plan, ops, source.bytes(info), info.dtype, dtype, shape, writer, name, work, torch_state)
+                    if out.quantized:
+                        values, _ = _dequantize(plan, out.quantized, source)
+                        raw = values.reshape(-1).view(np.uint8)
+                    else:
+                        raw = source.bytes(info)
+                    if out.action == "dequantize" and out.kernel is None:  # decoded into its own dtype
+                        writer.write(values)
+                    elif out.action == "dequantize":
+                        kernel_numpy.store(values, out.held, out.dtype, writer, out.name, work)
+                    else:
+                        _merge_tensor(plan, out, raw, writer, work, torch_state)
                 source.release(info)
-                if progress and name == out.source:  # an untied head is its embedding read again
+                if progress and out.name == out.source:  # an untied head is its embedding read again
                     progress(info.end - info.start)
             writer.close()
             torch_state.verify()
@@ -119,25 +97,15 @@ def _dequantize(plan: MergePlan, name: str, source: "_SourceMap") -> tuple[np.nd
     return dequant.dequantize(weight, stored, dequant.read_parts(plan.base, weight)), dequant.value_dtype(weight)
 
 
-def _requantized_by(plan: MergePlan) -> dict[str, str]:
-    """keep_quantized: every stored tensor of a changed quantized weight -> that weight."""
-    if not plan.keep_quantized:
-        return {}
-    out = {}
-    for name in plan.ops:
-        if name in plan.base.quantized:
-            out.update({part: name for part in plan.base.quantized[name].parts.values()})
-            out[name] = name
-    return out
-
-
-def _requantize(plan: MergePlan, name: str, source: "_SourceMap", work, torch_state) -> dict[str, np.ndarray]:
+def _requantize(plan: MergePlan, out: OutputTensor, source: "_SourceMap", work, torch_state) -> dict[str, np.ndarray]:
     """A changed FP8 weight, merged in float32 and quantized again: {tensor name: bytes} for the
     weight and its new scales (plan_merge checked both are in this shard)."""
+    name = out.quantized
     weight = plan.base.quantized[name]
     merged = _ArrayWriter(weight.shape)
     values, held = _dequantize(plan, name, source)
-    _merge_tensor(plan, plan.ops[name], values.reshape(-1).view(np.uint8), held, "F32", weight.shape, merged, name, work, torch_state)
+    as_float32 = OutputTensor(name, "F32", tuple(weight.shape), name, "merge", out.kernel, held, name)
+    _merge_tensor(plan, as_float32, values.reshape(-1).view(np.uint8), merged, work, torch_state)
     torch_state.verify()
     codes, scale_inv = dequant.quantize_fp8(merged.array, weight.block)
     return {name: codes.reshape(-1), weight.parts["scale_inv"]: scale_inv.reshape(-1).view(np.uint8)}
@@ -159,17 +127,18 @@ class _ArrayWriter:
         self.position += data.nbytes
 
 
-def _merge_tensor(plan: MergePlan, ops: TensorOps | None, raw: memoryview, in_dtype: str, out_dtype: str,
-                  shape: tuple[int, ...], writer: StreamingSafetensorsWriter, name: str, work, torch_state) -> None:
-    if torch_state.device == "cpu" and ops is not None and kernel_numpy.handles(ops, in_dtype, out_dtype, shape):
-        stored = np.dtype(kernel_numpy.DTYPES[in_dtype])
+def _merge_tensor(plan: MergePlan, out: OutputTensor, raw: memoryview, writer, work, torch_state) -> None:
+    """Compute `out` from `raw` (its values, held as out.held) with the kernel the plan chose."""
+    ops = plan.ops.get(out.name)
+    if out.kernel == "numpy":
+        stored = np.dtype(kernel_numpy.DTYPES[out.held])
         flat = np.frombuffer(raw, dtype=np.uint8)
         if flat.ctypes.data % stored.itemsize:  # other writers need not align tensors: copy this one
             flat = flat.copy()
-        base = flat.view(stored).reshape(shape)
-        kernel_numpy.merge_tensor(plan, ops, base, in_dtype, out_dtype, writer, name, work)
+        base = flat.view(stored).reshape(out.shape)
+        kernel_numpy.merge_tensor(plan, ops, base, out.held, out.dtype, writer, out.name, work)
     else:
-        torch_state.merge(plan, ops, np.frombuffer(raw, dtype=np.uint8), in_dtype, out_dtype, shape, writer, name)
+        torch_state.merge(plan, ops, np.frombuffer(raw, dtype=np.uint8), out.held, out.dtype, out.shape, writer, out.name)
 
 
 class _TorchState:
