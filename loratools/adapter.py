@@ -21,13 +21,22 @@ from .formats.tensors import MemoryStore, TensorStore
 if TYPE_CHECKING:
     import torch
 
+# PEFT's spellings, the one table: every key is PREFIX + module path + "." + part.
 PREFIX = "base_model.model."
+FACTOR_PARTS = {False: ("lora_A.weight", "lora_B.weight"), True: ("lora_embedding_A", "lora_embedding_B")}  # by "embedding?"
+MAGNITUDE_PART, LORA_BIAS_PART, DIAG_PART = "lora_magnitude_vector", "lora_B.bias", "lora_diag"  # DoRA, lora_bias, KaSA
+BASE_PARTS = ("base_layer.bias", "base_layer.weight")  # trained base bias/weight saved beside the factors
+MODULE_PARTS = (*FACTOR_PARTS[False], *FACTOR_PARTS[True], MAGNITUDE_PART, LORA_BIAS_PART, DIAG_PART, *BASE_PARTS)
+
+
+def factor_keys(path: str, embedding: bool) -> tuple[str, str]:
+    """The keys PEFT saves module `path`'s A and B under."""
+    a, b = FACTOR_PARTS[embedding]
+    return f"{PREFIX}{path}.{a}", f"{PREFIX}{path}.{b}"
+
 
 # <module path>.<part>; the parts PEFT's LoRA writes for a targeted module.
-_PART = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
-    r"|lora_magnitude_vector|lora_diag|base_layer\.bias|base_layer\.weight)$"
-)
+_PART = re.compile(r"^(?P<module>.+)\.(?P<part>" + "|".join(map(re.escape, MODULE_PARTS)) + ")$")
 # trainable_token_indices: the new rows of an embedding (PEFT's TrainableTokensWrapper).
 _TOKENS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 # Tensors of LoRA variants loratools refuses (see config.refusals): known to PEFT, so not "unknown".
@@ -212,9 +221,9 @@ class Adapter:
 
     def _build_module(self, path: str, ps: dict[str, str]) -> LoraModule | None:
         """The module, or None after reporting why it cannot be one (collect mode)."""
-        embedding = "lora_embedding_A" in ps or "lora_embedding_B" in ps
-        a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-        if embedding and ("lora_A.weight" in ps or "lora_B.weight" in ps):
+        embedding = any(p in ps for p in FACTOR_PARTS[True])
+        a_part, b_part = FACTOR_PARTS[embedding]
+        if embedding and any(p in ps for p in FACTOR_PARTS[False]):
             return self._problem(path, ShapeError(f"module {path}: has both lora_A/lora_B and lora_embedding_A/B", code="mixed-factors"))
         for have, missing in ((a_part, b_part), (b_part, a_part)):
             if have in ps and missing not in ps:
@@ -266,7 +275,7 @@ class Adapter:
             layout=layout,
             role=ref.role if ref else None,
             layer=ref.layer if ref else None,
-            magnitude_key=ps.get("lora_magnitude_vector"),
+            magnitude_key=ps.get(MAGNITUDE_PART),
             diag_key=ps.get("lora_diag"),
             lora_bias_key=ps.get("lora_B.bias"),
             base_bias_key=ps.get("base_layer.bias"),
@@ -375,7 +384,7 @@ class Adapter:
         if module.diag_key:  # KaSA
             b = b * self.tensors.get(module.diag_key).to(device=device, dtype=torch.float32)
         delta = (b @ a).mul_(module.scaling)
-        return delta if module.layout is Layout.LINEAR else delta.T
+        return module.layout.lora_view(delta)
 
     def state_dict(self) -> dict[str, "torch.Tensor"]:
         """Every tensor of the adapter, loaded, under its PEFT key."""
@@ -387,4 +396,4 @@ class Adapter:
 
 
 def _factor_parts(ps: dict[str, str]) -> bool:
-    return any(p in ps for p in ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"))
+    return any(p in ps for p in (*FACTOR_PARTS[False], *FACTOR_PARTS[True]))

@@ -340,10 +340,6 @@ def refusals(raw: dict[str, Any], merging: bool, convertible_init: bool = True) 
     return reasons
 
 
-def read_config(path: str | os.PathLike) -> AdapterConfig:
-    return AdapterConfig.from_dict(read_raw_config(path))
-
-
 def read_raw_config(path: str | os.PathLike) -> Any:
     """adapter_config.json parsed (not yet checked)."""
     path = os.fspath(path)

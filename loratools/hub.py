@@ -11,12 +11,13 @@ import re
 from pathlib import Path
 
 from .errors import HubError, InputNotFoundError, LoraToolsError
+from .formats.checkpoint import OTHER_WEIGHTS
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 # For a base model: the safetensors weights and every small file, not other weight formats.
-BASE_IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx", "*.ot", "original/*"]
+BASE_IGNORE_PATTERNS = [p for p in OTHER_WEIGHTS if p != "*.safetensors"] + ["original/*"]
 
 
 def resolve(

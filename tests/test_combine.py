@@ -202,7 +202,7 @@ def test_refusals_are_clean(tmp_path, args, fragment, code):
 def test_incompatible_shapes(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from tests.test_merge import save_llama_variant
+    from tests.tiny_models import save_llama_variant
 
     save_llama_variant(tmp_path / "wide", hidden_size=32)
     import transformers as tf

@@ -12,7 +12,7 @@ import loratools
 from loratools.arch import Role, locate
 from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
 from tests.peft_ref import peft_merged_state_dict, peft_model
-from tests.test_merge import assert_matches_peft, merged_tensors
+from tests.merged import assert_matches_peft, merged_tensors
 
 QKV = (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V)
 

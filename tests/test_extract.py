@@ -12,7 +12,7 @@ import torch
 from loratools.ops.extract import low_rank_factors
 from tests.conftest import assert_clean_error, run_cli
 from tests.peft_ref import outputs, peft_model
-from tests.test_merge import merged_tensors
+from tests.merged import merged_tensors
 from tests.test_real_world import peft_adapter, tied_llama
 from tests.tiny_models import build_base
 

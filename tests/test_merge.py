@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -15,32 +14,9 @@ from loratools.ops import merge as merge_mod
 from loratools.ops.merge import shard as merge_shard
 from tests.broken import edit_config
 from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
+from tests.merged import assert_matches_peft, digest, merged_tensors
 from tests.peft_ref import load_base, outputs, peft_merged_state_dict, peft_model
-from tests.tiny_models import build_base
-
-
-def merged_tensors(out) -> dict[str, torch.Tensor]:
-    tensors = {}
-    files = [out] if out.is_file() else sorted(out.glob("*.safetensors"))
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
-def assert_matches_peft(ours: dict, reference: dict, base: dict | None = None) -> None:
-    """Equal to PEFT's merged weights: to float32 round-off for float32 bases; for half-precision
-    bases within two roundings of the operands' magnitude, because PEFT rounds ΔW (or the adapter
-    weights) to the base dtype before adding, where loratools adds in float32 and rounds once."""
-    for name, tensor in ours.items():
-        ref = reference[name]
-        assert tensor.dtype == ref.dtype, name
-        if tensor.dtype == torch.float32:
-            torch.testing.assert_close(tensor, ref, rtol=1e-6, atol=1e-6, msg=name)
-        else:
-            eps = torch.finfo(tensor.dtype).eps
-            magnitude = ref.float().abs() + (base[name].float().abs() if base else 0)
-            error = (tensor.float() - ref.float()).abs()
-            assert (error <= 2 * eps * magnitude + 1e-6).all(), (name, (error / (magnitude + 1e-12)).max())
+from tests.tiny_models import build_base, save_llama_variant
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -182,16 +158,12 @@ def test_single_file_base_gives_a_single_file(tmp_path):
     assert_matches_peft(load_file(str(out)), reference)
 
 
-def _digest(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_inputs_untouched_and_output_reproducible(tmp_path):
-    before = _digest(BASES / "llama-sharded"), _digest(ADAPTERS / "llama-dora")
+    before = digest(BASES / "llama-sharded"), digest(ADAPTERS / "llama-dora")
     loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-dora", tmp_path / "a")
     loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-dora", tmp_path / "b")
-    assert (_digest(BASES / "llama-sharded"), _digest(ADAPTERS / "llama-dora")) == before
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert (digest(BASES / "llama-sharded"), digest(ADAPTERS / "llama-dora")) == before
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
 
 def test_existing_output_is_kept_without_force(tmp_path):
@@ -227,15 +199,6 @@ def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-basic", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
-
-
-def save_llama_variant(path, **overrides) -> None:
-    """The tiny LLaMA fixture's shape with some dimensions changed."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    dims = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    tf.LlamaForCausalLM(tf.LlamaConfig(**(dims | overrides))).save_pretrained(str(path))
 
 
 def test_shape_mismatch_fails_before_writing(tmp_path):

@@ -14,7 +14,7 @@ import loratools
 from tests.conftest import run_cli
 from tests.peft_ref import load_base, outputs, peft_merged_state_dict, peft_model
 from tests.quantized_models import fp8_reference_dequant, save_bf16, save_fp8, tiny_causal_lm
-from tests.test_merge import merged_tensors
+from tests.merged import merged_tensors
 from tests.tiny_models import build_base
 
 

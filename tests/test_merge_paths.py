@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import loratools
 from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
-from tests.test_merge import _digest, merged_tensors
+from tests.merged import digest, merged_tensors
 from tests.tiny_models import build_base
 
 
@@ -26,12 +26,12 @@ def test_workers_write_the_same_bytes(tmp_path):
     reports = {}
     for workers in (1, 2, 4, 9):
         reports[workers] = loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-basic", tmp_path / str(workers), workers=workers)
-    digests = {w: _digest(tmp_path / str(w)) for w in reports}
+    digests = {w: digest(tmp_path / str(w)) for w in reports}
     assert all(d == digests[1] for d in digests.values())
     assert {w: r.workers for w, r in reports.items()} == {1: 1, 2: 2, 4: 4, 9: 4}  # at most one per shard
     result = run_cli("merge", BASES / "llama-sharded", ADAPTERS / "llama-basic", tmp_path / "cli", "--workers", "3", "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["workers"] == 3 and _digest(tmp_path / "cli") == digests[1]
+    assert json.loads(result.stdout)["workers"] == 3 and digest(tmp_path / "cli") == digests[1]
     assert_clean_error(run_cli("merge", BASES / "llama", ADAPTERS / "llama-basic", tmp_path / "o", "--workers", "0"), "--workers", code=2)
 
 
@@ -213,7 +213,7 @@ def test_device_staging_ring_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(merge_torch.DeviceState, "__init__", with_stager)
     loratools.merge(BASES / "llama-sharded", ADAPTERS / "llama-dora", tmp_path / "staged", workers=1)
-    assert _digest(tmp_path / "staged") == _digest(tmp_path / "direct")
+    assert digest(tmp_path / "staged") == digest(tmp_path / "direct")
     # the ring itself: buffers alternate, and each is reused two tensors later
     stager = merge_torch.DeviceStager(torch.device("cpu"))
     first, second = torch.arange(6.0).view(2, 3), torch.ones(4)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from loratools.formats.safetensors_header import read_header
 
 from tests.conftest import assert_clean_error, run_cli
-from tests.test_merge import _digest, merged_tensors
+from tests.merged import digest, merged_tensors
 from tests.test_real_world import peft_adapter
 
 # family -> (config fields, LoRA targets, the token embedding as saved by transformers)
@@ -159,7 +159,7 @@ def test_untied_head_in_a_sharded_base(tmp_path):
     unmerged, _ = peft_models(base_dir, adapter_dir)
     torch.testing.assert_close(logits(model), unmerged, rtol=1e-4, atol=1e-5)
     assert run_cli("merge", base_dir, adapter_dir, tmp_path / "out3", "--workers", "3").returncode == 0
-    assert _digest(tmp_path / "out3") == _digest(tmp_path / "out")
+    assert digest(tmp_path / "out3") == digest(tmp_path / "out")
 
 
 def test_nested_text_config_is_untied_too(tmp_path):

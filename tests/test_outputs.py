@@ -16,7 +16,7 @@ import pytest
 import loratools
 from loratools.errors import FormatError, OutputExistsError
 from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
-from tests.test_merge import _digest
+from tests.merged import digest
 
 
 def _copy(src, dst):
@@ -29,7 +29,7 @@ def test_writing_commands_never_overwrite_their_inputs(tmp_path, where):
     adapter = _copy(ADAPTERS / "llama-basic", tmp_path / "work" / "adapter")
     (tmp_path / "work" / "notes.txt").write_text("unrelated")
     out = {"same": adapter, "parent": tmp_path / "work", "inside": adapter / "sub"}[where]
-    before = _digest(tmp_path / "work")
+    before = digest(tmp_path / "work")
     for args in (
         ("combine", adapter, ADAPTERS / "llama-rslora-patterns", "--out", out, "--force"),
         ("resize", adapter, out, "--rank", "1", "--force"),
@@ -37,7 +37,7 @@ def test_writing_commands_never_overwrite_their_inputs(tmp_path, where):
         ("merge", BASES / "llama", adapter, out, "--force"),
     ):
         assert_clean_error(run_cli(*args), "overlaps an input", code=2)
-        assert _digest(tmp_path / "work") == before, args[0]
+        assert digest(tmp_path / "work") == before, args[0]
 
 
 def test_an_output_that_appears_meanwhile_is_left_alone(tmp_path):

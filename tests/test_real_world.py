@@ -13,7 +13,7 @@ import loratools
 from tests.broken import edit_config, replace_tensors
 from tests.conftest import ADAPTERS, BASES, assert_clean_error, run_cli
 from tests.peft_ref import peft_merged_state_dict
-from tests.test_merge import assert_matches_peft, merged_tensors
+from tests.merged import assert_matches_peft, merged_tensors
 from tests.tiny_models import build_base
 
 

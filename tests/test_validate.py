@@ -16,7 +16,7 @@ from loratools.ops.validate import validate
 from tests import test_errors as broken_files
 from tests.broken import WEIGHTS, copy_adapter, edit_config, replace_tensors, split_safetensors, write_safetensors
 from tests.conftest import ADAPTERS, BASES, run_cli
-from tests.test_merge import save_llama_variant
+from tests.tiny_models import save_llama_variant
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 

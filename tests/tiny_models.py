@@ -30,3 +30,12 @@ def build_base(name: str, seed: int = 0):
     else:
         raise ValueError(f"unknown tiny base {name!r}")
     return model.eval()
+
+
+def save_llama_variant(path, **overrides) -> None:
+    """The tiny LLaMA fixture's shape with some dimensions changed."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    dims = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    tf.LlamaForCausalLM(tf.LlamaConfig(**(dims | overrides))).save_pretrained(str(path))

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from ..adapter import PREFIX, factor_keys
 from ..config import with_module_ranks
 from ..errors import ConfigError, LoraToolsError, ShapeError
 from ..formats.tensors import TensorStore
 
-PREFIX = "base_model.model."
 PEFT_TYPE = "ADALORA"
 # AdaLoRA's own config fields: its schedule, and rank_pattern in its mask format.
 ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
@@ -93,8 +93,8 @@ def as_lora(raw: dict, store: TensorStore) -> tuple[dict, dict, list[str]]:
             pruned.append(path)
             continue
         s = (alpha if alpha > 0 else float(k)) / ranknum
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = (a * e).contiguous()
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = b
+        a_key, b_key = factor_keys(path, False)
+        tensors[a_key], tensors[b_key] = (a * e).contiguous(), b
         ranks[path] = (k, s * k)  # alpha / r = s
     owned = {key for parts in modules.values() for key in parts.values()}
     for key in store.keys():

@@ -38,3 +38,13 @@ class Layout(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the stored weight is LoRA's (out, in) orientation transposed: the one rule."""
+        return self in (Layout.CONV1D, Layout.EMBEDDING)
+
+    def lora_view(self, w):
+        """W (or ΔW), a numpy array or torch tensor, in LoRA's (out, in) orientation, where ΔW =
+        s·B@A; its own inverse, so it also turns an (out, in) result back into the stored one."""
+        return w.T if self.transposed else w

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..adapter import PREFIX, Adapter
+from ..adapter import Adapter, factor_keys
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
 from ..report import Report
@@ -79,9 +79,8 @@ def combine_adapters(
         else:
             a, b = _peft_style(path, inputs, method, density, majority_sign, mask_fn)
         dtype = _factor_dtype(inputs[0][0], path)
-        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if first.embedding else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PREFIX}{path}.{a_name}"] = a.to(dtype).contiguous()
-        tensors[f"{PREFIX}{path}.{b_name}"] = b.to(dtype).contiguous()
+        a_key, b_key = factor_keys(path, first.embedding)
+        tensors[a_key], tensors[b_key] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         ranks[path] = (a.shape[0], a.shape[0])  # alpha = r: scaling 1
         report.modules[path] = {"rank": a.shape[0], "inputs": len(inputs)}
     for adapter, weight in zip(adapters, weights):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import PREFIX, Adapter
+from ..adapter import BASE_PARTS, LORA_BIAS_PART, MAGNITUDE_PART, PREFIX, Adapter, factor_keys
 from ..arch import CONVERT_SCHEMES, Architecture, Head, Layout, Role, get_architecture, locate
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
@@ -94,13 +94,13 @@ def convert_adapter(
         template = dst.template(role)
         path = ("" if template.in_head else dst_head.prefix) + template.path.format(layer=layer)
         key = PREFIX + path
-        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if part.embedding else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{key}.{a_name}"], tensors[f"{key}.{b_name}"] = part.a.contiguous(), part.b.contiguous()
+        a_key, b_key = factor_keys(path, part.embedding)
+        tensors[a_key], tensors[b_key] = part.a.contiguous(), part.b.contiguous()
         for suffix, tensor in (
-            ("lora_magnitude_vector", part.magnitude),
-            ("lora_B.bias", part.lora_bias),
-            ("base_layer.bias", part.base_bias),
-            ("base_layer.weight", part.base_weight),
+            (MAGNITUDE_PART, part.magnitude),
+            (LORA_BIAS_PART, part.lora_bias),
+            (BASE_PARTS[0], part.base_bias),
+            (BASE_PARTS[1], part.base_weight),
         ):
             if tensor is not None:
                 tensors[f"{key}.{suffix}"] = tensor.contiguous()

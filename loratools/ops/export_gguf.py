@@ -31,6 +31,7 @@ from ..arch.gguf import gguf_arch
 from ..errors import ShapeError, UnsupportedError, UsageError
 from ..formats.atomic import atomic_file, refuse_overlap
 from ..report import Report
+from .gguf_form import gguf_blockers
 
 
 @dataclass
@@ -96,26 +97,6 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None 
         writer.write_tensors_to_file()
         writer.close()
     return report
-
-
-def gguf_blockers(adapter: Adapter) -> list[tuple[str | None, str]]:
-    """(module path or None, reason) for everything a GGUF LoRA cannot carry: llama.cpp applies
-    plain B·A only (export refuses the first; validate --target llama.cpp reports each)."""
-    found: list[tuple[str | None, str]] = []
-    # PEFT saves the base's embeddings beside LoRA on them (save_embedding_layers); llama.cpp takes
-    # them from the model, as its own converter does. Anything else replaces base tensors.
-    replacing = [e for e in adapter.extras if e.kind != "full_embedding"]
-    if replacing or adapter.trainable_tokens:
-        kinds = sorted({e.kind for e in replacing} | ({"trainable tokens"} if adapter.trainable_tokens else set()))
-        found.append((None, f"the adapter replaces base tensors ({', '.join(kinds)}); a GGUF LoRA adapter cannot "
-                            "carry them: merge it into the base instead (loratools merge)"))
-    for path, module in adapter.modules.items():
-        kind = ("DoRA" if module.magnitude_key else "lora_bias" if module.lora_bias_key else "KaSA" if module.diag_key
-                else "a Conv1D module" if module.layout is Layout.CONV1D else None)
-        if kind:
-            found.append((path, f"module {path}: {kind} has no GGUF LoRA form (llama.cpp applies plain B·A); "
-                                "merge it into the base instead"))
-    return found
 
 
 def _refuse_unservable(adapter: Adapter) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..adapter import PREFIX, Adapter
+from ..adapter import PREFIX, Adapter, factor_keys
 from ..arch import ARCHITECTURES, Layout, Role, detect_from_config, detect_from_paths, locate
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
@@ -176,8 +176,7 @@ def extract_adapter(
         diff = tuned_t.to(dev, torch.float32).sub_(base_t.to(dev, torch.float32))
         del base_t, tuned_t
         shape = list(diff.shape)  # reported as the base weight is stored (as svd does)
-        # D in the LoRA orientation: (out, in) for Linear; Conv1D (in, out) and Embedding (num, dim) are stored transposed
-        d = diff if ref.layout is Layout.LINEAR else diff.T
+        d = ref.layout.lora_view(diff)
         conv1d |= ref.layout is Layout.CONV1D
         require_finite(f"module {module_path}", d, where="FINETUNED − BASE")  # before the SVD's LinAlgError
         total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
@@ -187,14 +186,13 @@ def extract_adapter(
         k = a.shape[0]
         if energy is not None and kept < energy * (1 - 1e-9):
             report.energy_not_reached.append(module_path)
-        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if ref.layout is Layout.EMBEDDING else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PREFIX}{module_path}.{a_name}"] = a.cpu().contiguous()
-        tensors[f"{PREFIX}{module_path}.{b_name}"] = b.cpu().contiguous()
+        a_key, b_key = factor_keys(module_path, ref.layout is Layout.EMBEDDING)
+        tensors[a_key], tensors[b_key] = a.cpu().contiguous(), b.cpu().contiguous()
         if module_path == tied:
             # PEFT's ensure_weight_tying gives the tied head the same ΔW and expects its factors
             # in the file: head ΔW (vocab, dim) = Aᵀ·Bᵀ of the embedding's factors.
-            tensors[f"{PREFIX}{head_path}.lora_A.weight"] = b.T.cpu().contiguous()
-            tensors[f"{PREFIX}{head_path}.lora_B.weight"] = a.T.cpu().contiguous()
+            head_a, head_b = factor_keys(head_path, False)
+            tensors[head_a], tensors[head_b] = b.T.cpu().contiguous(), a.T.cpu().contiguous()
         ranks[module_path] = (k, k)  # alpha = r: scaling 1
         report.modules.append(
             ExtractedModule(module_path, ref.role.value, shape, k, kept, error / math.sqrt(total) if total > 0 else 0.0, method)

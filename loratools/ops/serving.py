@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable
 
-from ..adapter import Adapter, LoraModule
+from ..adapter import FACTOR_PARTS, Adapter, LoraModule
 from ..arch import Role
 from ..arch.gguf import GGUF_ARCHS
 from ..config import BASE_MODIFYING_INITS, scaling
 from ..runtimes import RankLimit, Target, resolve
-from .export_gguf import gguf_blockers
+from .gguf_form import gguf_blockers
 
 Add = Callable[..., None]  # add(code, severity, message, module=None)
 Hit = tuple[str | None, dict[str, Any]]  # (the module concerned, the message's fields)
@@ -132,7 +132,7 @@ def _lora_bias(adapter: Adapter, which: str | None) -> list[Hit]:
 
 
 # Tensor names a runtime's parser takes for LoRA factors (a refused variant may store its own under them).
-_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+_FACTOR_SUFFIXES = tuple(f".{part}" for parts in FACTOR_PARTS.values() for part in parts)
 
 
 def _tensors(adapter: Adapter, kinds: tuple[str, ...]) -> list[Hit]:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapter import Adapter, LoraModule
-from ..arch import Layout
 from ..config import with_module_ranks
 from ..errors import UnsupportedError, UsageError
 from ..formats.checkpoint import Checkpoint
@@ -114,7 +113,7 @@ def _dora_to_lora(adapter: Adapter, module: LoraModule, base: Checkpoint, mapper
     magnitude = adapter.tensor(module.magnitude_key).to(torch.float32)
     merged = dora_weight(w.clone(), a, b, module.scaling, magnitude, module.layout)
     delta = merged - w
-    d = delta if module.layout is Layout.LINEAR else delta.T  # LoRA orientation (out, in)
+    d = module.layout.lora_view(delta)
     require_finite(f"module {module.path}", d, where="its DoRA ΔW on --base")
     total = float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
     new_a, new_b, kept, _ = low_rank_factors(d, total, rank, energy, max_rank, False, generator)

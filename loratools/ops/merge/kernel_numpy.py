@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...arch import Layout
 from ...errors import LoraToolsError
 from ...formats.dtypes import HELD
 from ..rounding import round_to_bf16
@@ -53,8 +52,8 @@ def merge_tensor(plan: MergePlan, ops: TensorOps, base: np.ndarray, in_dtype: st
     for module in ops.modules:
         a, b = (x.astype(np.float32, copy=False) for x in plan.adapter.factor_arrays(module.path))
         s = np.float32(module.scaling * plan.scale)
-        # Conv1D (in, out) and Embedding (num, dim) hold ΔW transposed: (B@A).T = A.T @ B.T
-        left, right = (b, a) if module.layout is Layout.LINEAR else (a.T, b.T)
+        # a transposed layout holds ΔW as (B@A).T = A.T @ B.T
+        left, right = (a.T, b.T) if module.layout.transposed else (b, a)
         products.append((np.ascontiguousarray(left * s), np.ascontiguousarray(right)))
     with np.errstate(all="ignore"):  # overflow is found and refused explicitly (_round_into), not warned about
         _merge_blocks(products, base, in_dtype, out_dtype, writer, name, work)

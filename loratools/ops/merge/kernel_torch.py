@@ -81,8 +81,8 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
             magnitude = adapter.tensor(module.magnitude_key).to(device=dev, dtype=work)
             out.store(dora_weight(_working_copy(base, dev), a, b, s, magnitude, module.layout))
             return
-        # Conv1D (in, out) and Embedding (num, dim) hold ΔW transposed: (B@A).T = A.T @ B.T
-        low_rank.append((b, a, s) if module.layout is Layout.LINEAR else (a.T.contiguous(), b.T.contiguous(), s))
+        # a transposed layout holds ΔW as (B@A).T = A.T @ B.T
+        low_rank.append((a.T.contiguous(), b.T.contiguous(), s) if module.layout.transposed else (b, a, s))
     if base.dim() == 1:  # a bias: lora_bias adds s·lora_B.bias
         w = _working_copy(base, dev)
         for module in ops.lora_biases:
@@ -133,10 +133,9 @@ def _kasa(w: torch.Tensor, a: torch.Tensor, b_diag: torch.Tensor, s: float) -> t
 
 def dora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, magnitude: torch.Tensor, layout: Layout) -> torch.Tensor:
     """W' = m / ‖W + ΔW‖_row · (W + ΔW), the norm taken per output row of the (out, in) view."""
-    view = w if layout is Layout.LINEAR else w.T
-    view = view.addmm(b, a, alpha=s)
+    view = layout.lora_view(w).addmm(b, a, alpha=s)
     view.mul_((magnitude / torch.linalg.norm(view, dim=1)).unsqueeze(1))
-    return view if layout is Layout.LINEAR else view.T
+    return layout.lora_view(view)
 
 
 class DeviceState:

@@ -1,0 +1,27 @@
+"""What a GGUF LoRA adapter can carry: `export` refuses the first thing it cannot, `validate
+--target llama.cpp` reports each (a helper of both commands)."""
+
+from __future__ import annotations
+
+from ..adapter import Adapter
+from ..arch import Layout
+
+
+def gguf_blockers(adapter: Adapter) -> list[tuple[str | None, str]]:
+    """(module path or None, reason) for everything a GGUF LoRA cannot carry: llama.cpp applies
+    plain B·A only (export refuses the first; validate --target llama.cpp reports each)."""
+    found: list[tuple[str | None, str]] = []
+    # PEFT saves the base's embeddings beside LoRA on them (save_embedding_layers); llama.cpp takes
+    # them from the model, as its own converter does. Anything else replaces base tensors.
+    replacing = [e for e in adapter.extras if e.kind != "full_embedding"]
+    if replacing or adapter.trainable_tokens:
+        kinds = sorted({e.kind for e in replacing} | ({"trainable tokens"} if adapter.trainable_tokens else set()))
+        found.append((None, f"the adapter replaces base tensors ({', '.join(kinds)}); a GGUF LoRA adapter cannot "
+                            "carry them: merge it into the base instead (loratools merge)"))
+    for path, module in adapter.modules.items():
+        kind = ("DoRA" if module.magnitude_key else "lora_bias" if module.lora_bias_key else "KaSA" if module.diag_key
+                else "a Conv1D module" if module.layout is Layout.CONV1D else None)
+        if kind:
+            found.append((path, f"module {path}: {kind} has no GGUF LoRA form (llama.cpp applies plain B·A); "
+                                "merge it into the base instead"))
+    return found
