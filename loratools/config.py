@@ -288,8 +288,13 @@ _VARIANT_FIELDS = (
     ("dora", "use_dora"), ("kasa", "kasa_config"), ("velora", "velora_config"), ("monteclora", "monteclora_config"),
     ("bdlora", "use_bdlora"), ("arrow", "arrow_config"), ("qalora", "use_qalora"), ("alora", "alora_invocation_tokens"),
 )
-# Merged exactly: DoRA (renormalised), KaSA (B·diag(d)·A on the SVD-truncated base), MiCA (plain LoRA).
-MERGEABLE_VARIANTS = frozenset({"dora", "kasa", "mica"})
+# Merged exactly: DoRA (renormalised), KaSA (B·diag(d)·A on the SVD-truncated base), MiCA (plain LoRA),
+# VeLoRA and MonteCLoRA (plain s·B·A outside training: PEFT merges and serves get_delta_weight; their
+# own tensors, VeLoRA's projection and MonteCLoRA's sampler, act only in a training step).
+MERGEABLE_VARIANTS = frozenset({"dora", "kasa", "mica", "velora", "monteclora"})
+# Variants whose saved tensors beyond A and B only training reads: svd analyses them as s·B·A, but a
+# rewritten adapter could not carry those tensors, and PEFT would load it with them missing.
+TRAINING_STATE_VARIANTS = {"velora": "lora_velora_embed", "monteclora": "lora_monteclora_sampler.*"}
 # init_lora_weights values whose adapter is relative to a base PEFT rewrote at initialisation;
 # all but LoftQ (which quantizes the base) convert back given the initial adapter (--initial).
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
@@ -303,16 +308,21 @@ def lora_variants(raw: dict[str, Any]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def variant_refusals(raw: dict[str, Any], merging: bool) -> list[str]:
+def variant_refusals(raw: dict[str, Any], merging: bool, analysis: bool = False) -> list[str]:
     """Why the LoRA variant(s) this config selects cannot be merged exactly (merging=True), or
-    treated as ΔW = s·B·A by convert/combine/resize/svd (merging=False); empty when they can."""
+    treated as ΔW = s·B·A by convert/combine/resize (merging=False) or svd (analysis=True); empty
+    when they can."""
     reasons = []
     variants = lora_variants(raw)
-    allowed = MERGEABLE_VARIANTS if merging else {"dora", "mica"}
+    allowed = MERGEABLE_VARIANTS if merging else {"dora", "mica", *(TRAINING_STATE_VARIANTS if analysis else ())}
     for variant in variants:
         if variant == "alora":
             reasons.append("aLoRA (alora_invocation_tokens) acts only after its invocation tokens, so it cannot be "
                            "merged into weights (PEFT refuses too)")
+        elif variant in TRAINING_STATE_VARIANTS and variant not in allowed:
+            reasons.append(f"LoRA variant {variant}: its ΔW is s·B·A, but its training-only tensors "
+                           f"({TRAINING_STATE_VARIANTS[variant]}) cannot be carried over into a rewritten adapter "
+                           "(loratools merge, export and svd support it)")
         elif variant not in allowed:
             reasons.append(f"unsupported LoRA variant {variant}: its update is not a plain s·B·A"
                            + ("" if merging else f" (loratools merge supports {variant})" if variant in MERGEABLE_VARIANTS else ""))

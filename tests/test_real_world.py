@@ -114,8 +114,6 @@ def _lora_config(name, **kwargs):
 
 
 @pytest.mark.parametrize("variant,config,message", [
-    ("velora", lambda: {"velora_config": _lora_config("VeloraConfig")}, "unsupported LoRA variant velora"),
-    ("monteclora", lambda: {"monteclora_config": _lora_config("MontecloraConfig")}, "unsupported LoRA variant monteclora"),
     ("bdlora", lambda: {"target_modules": ["q_proj", "v_proj"], "use_bdlora": _lora_config(
         "BdLoraConfig", target_modules_bd_a=["q_proj"], target_modules_bd_b=["v_proj"], nblocks=2)}, "unsupported LoRA variant bdlora"),
     ("qalora", lambda: {"use_qalora": True}, "unsupported LoRA variant qalora"),
