@@ -319,6 +319,8 @@ def variant_refusals(raw: dict[str, Any], merging: bool, analysis: bool = False)
         if variant == "alora":
             reasons.append("aLoRA (alora_invocation_tokens) acts only after its invocation tokens, so it cannot be "
                            "merged into weights (PEFT refuses too)")
+        elif variant == "bdlora":
+            reasons.append(bdlora_refusal(raw.get("use_bdlora")))
         elif variant in TRAINING_STATE_VARIANTS and variant not in allowed:
             reasons.append(f"LoRA variant {variant}: its ΔW is s·B·A, but its training-only tensors "
                            f"({TRAINING_STATE_VARIANTS[variant]}) cannot be carried over into a rewritten adapter "
@@ -329,6 +331,17 @@ def variant_refusals(raw: dict[str, Any], merging: bool, analysis: bool = False)
     if len([v for v in variants if v in MERGEABLE_VARIANTS]) > 1:
         reasons.append(f"LoRA variants {' + '.join(variants)} together: PEFT has no such combination")
     return reasons
+
+
+def bdlora_refusal(bd: Any) -> str:
+    """BD-LoRA (PEFT's BlockDiagonalLinear): the block-diagonal factor is saved as its blocks, so
+    the file's A and B do not multiply to ΔW."""
+    bd = bd if isinstance(bd, dict) else {}
+    blocks = bd.get("nblocks", 1)
+    return (f"BD-LoRA (use_bdlora, nblocks={blocks}): PEFT saves each block-diagonal factor as its {blocks} diagonal "
+            f"blocks side by side (lora_A [r, in/{blocks}] for target_modules_bd_a {bd.get('target_modules_bd_a')}, "
+            f"lora_B [out, r/{blocks}] for target_modules_bd_b {bd.get('target_modules_bd_b')}) and merges "
+            "s·B·block_diag(A) or s·block_diag(B)·A, not s·B·A of the saved tensors; loratools does not expand the blocks")
 
 
 def refusals(raw: dict[str, Any], merging: bool, convertible_init: bool = True) -> list[str]:

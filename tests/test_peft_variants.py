@@ -71,3 +71,66 @@ def test_training_state_variants_merge_as_peft(tmp_path, variant, config, own_te
     result = run_cli("resize", adapter_dir, tmp_path / "r", "--rank", "1")
     assert_clean_error(result, f"LoRA variant {variant}", "training-only tensors", code=1)
     assert not (tmp_path / "r").exists()
+
+
+# ---- 2. BD-LoRA: the saved A is its diagonal blocks ---------------------------------------------
+
+def test_bdlora_with_a_block_diagonal_is_refused_with_the_reason(tmp_path):
+    """With only A block-diagonal (o_proj, down_proj, as BD-LoRA's guide has it), PEFT saves lora_A
+    as [r, in/nblocks] — the blocks side by side — and merges s·B·block_diag(A): not s·B·A of the
+    saved tensors (which do not even multiply to the weight's shape)."""
+    from tests.peft_ref import peft_merged_state_dict
+
+    bd = _lora_config("BdLoraConfig", target_modules_bd_a=["o_proj", "down_proj"], nblocks=2)
+    base_dir, adapter_dir = peft_adapter(tmp_path, llama, target_modules=["o_proj", "down_proj"], use_bdlora=bd)
+    saved, base = adapter_tensors(adapter_dir), merged_tensors(base_dir)
+    reference = peft_merged_state_dict("llama", base_dir, adapter_dir)
+    module = "model.layers.0.self_attn.o_proj"
+    a, b = saved[f"base_model.model.{module}.lora_A.weight"], saved[f"base_model.model.{module}.lora_B.weight"]
+    assert list(a.shape) == [2, 8] and list(b.shape) == [16, 2]  # the weight is [16, 16]
+    delta = 2.0 * b @ torch.block_diag(*torch.chunk(a, 2, dim=0))
+    assert delta.abs().max() > 1e-3
+    torch.testing.assert_close(reference[f"{module}.weight"], base[f"{module}.weight"] + delta, rtol=1e-6, atol=1e-6)
+
+    result = run_cli("merge", base_dir, adapter_dir, tmp_path / "out")
+    assert_clean_error(result, "BD-LoRA", "nblocks=2", "s·B·block_diag(A)", "not s·B·A of the saved tensors", code=1)
+    assert not (tmp_path / "out").exists()
+    findings = [f for r in json.loads(run_cli("validate", adapter_dir, "--json").stdout)["results"] for f in r["findings"]]
+    assert [f["code"] for f in findings if f["severity"] == "error"] == ["unsupported"]
+    assert "s·B·block_diag(A)" in findings[0]["message"]
+
+
+# ---- 3. GPT-NeoX's head: the module lm_head, saved as embed_out ---------------------------------
+
+def tiny_neox():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.AutoConfig.for_model("gpt_neox", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("lora", [
+    {"target_modules": ["query_key_value", "lm_head"]},
+    {"target_modules": ["query_key_value"], "modules_to_save": ["lm_head"]},
+])
+def test_gpt_neox_head_merges_as_peft(tmp_path, lora):
+    """transformers' GPTNeoXForCausalLM calls its head lm_head (PEFT's adapter keys) but saves it
+    as embed_out.weight, the name of older checkpoints; the head is found under either name."""
+    from tests.peft_ref import peft_merged_state_dict
+
+    base_dir, adapter_dir = peft_adapter(tmp_path, tiny_neox, trained=("lora_", "modules_to_save"), **lora)
+    base = merged_tensors(base_dir)
+    assert "embed_out.weight" in base and "lm_head.weight" not in base
+    assert any(".lm_head." in key for key in adapter_tensors(adapter_dir))
+    result = run_cli("merge", base_dir, adapter_dir, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    ours = merged_tensors(tmp_path / "out")
+    assert set(ours) == set(base)  # OUT keeps the base's names
+    ours["lm_head.weight"] = ours.pop("embed_out.weight")  # what transformers loads it as
+    assert (ours["lm_head.weight"] - base["embed_out.weight"]).abs().max() > 1e-3  # the head changed
+    assert_matches_peft(ours, peft_merged_state_dict("llama", base_dir, adapter_dir))  # AutoModelForCausalLM
+    torch.testing.assert_close(outputs(load_base("llama", tmp_path / "out"), "llama"),
+                               outputs(peft_model(tiny_neox, adapter_dir), "llama"), rtol=1e-4, atol=1e-5)
+    assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0

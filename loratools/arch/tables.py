@@ -42,6 +42,9 @@ class Architecture:
     # (the recorded model class, the base's model_type) has to.
     naming: str = ""
     convertible: bool = False  # `convert` knows how to split/join this family's modules
+    # (module path, the name a checkpoint stores it under) where they differ: transformers' own
+    # renaming on load and save, paths from the model root.
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
 
     @property
     def scheme(self) -> str:
@@ -143,6 +146,7 @@ GPT_NEOX = Architecture(
         ModuleTemplate(Role.LM_HEAD, "embed_out", L, in_head=True),  # named lm_head by transformers 5
         ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
     ),
+    checkpoint_names=(("lm_head", "embed_out"),),  # transformers 5 saves GPTNeoXForCausalLM.lm_head as embed_out
 )
 
 FALCON = Architecture(
