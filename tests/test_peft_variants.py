@@ -134,3 +134,46 @@ def test_gpt_neox_head_merges_as_peft(tmp_path, lora):
     torch.testing.assert_close(outputs(load_base("llama", tmp_path / "out"), "llama"),
                                outputs(peft_model(tiny_neox, adapter_dir), "llama"), rtol=1e-4, atol=1e-5)
     assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0
+
+
+# ---- 4. Nemotron-H: hybrid Mamba-2 / attention / MLP mixers, saved under backbone. ---------------
+
+def tiny_nemotron_h():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.AutoConfig.for_model(
+        "nemotron_h", vocab_size=64, hidden_size=16, num_hidden_layers=4, hybrid_override_pattern="M*-M",
+        num_attention_heads=4, num_key_value_heads=2, head_dim=4, intermediate_size=32, mamba_num_heads=4,
+        mamba_head_dim=8, ssm_state_size=8, n_groups=1, conv_kernel=4, expand=2, chunk_size=16, tie_word_embeddings=False,
+    )
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_nemotron_h_merges_as_peft(tmp_path):
+    """Layers 0 and 3 are Mamba-2 (in_proj), 1 attention, 2 an MLP; transformers' module tree is
+    model.layers.{i}.mixer.*, its checkpoint backbone.layers.{i}.mixer.*. (PEFT refuses LoRA on a
+    Mamba out_proj or conv1d: the fused kernel reads their weights directly.)"""
+    from tests.peft_ref import peft_merged_state_dict
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "in_proj"]
+    base_dir, adapter_dir = peft_adapter(tmp_path, tiny_nemotron_h, target_modules=targets)
+    base = merged_tensors(base_dir)
+    assert all(k.startswith(("backbone.", "lm_head.")) for k in base)
+    info = json.loads(run_cli("info", adapter_dir, "--json").stdout)
+    assert info["architecture"] == "nemotron_h" and info["roles"] == {
+        "attn_q": 1, "attn_k": 1, "attn_v": 1, "attn_out": 1, "ffn_up": 1, "ffn_down": 1, "ssm_in": 2}
+    result = run_cli("merge", base_dir, adapter_dir, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    ours = merged_tensors(tmp_path / "out")
+    assert set(ours) == set(base)
+    ours = {("model." + k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in ours.items()}
+    reference = peft_merged_state_dict("llama", base_dir, adapter_dir)  # AutoModelForCausalLM
+    assert_matches_peft(ours, reference)
+    changed = {k for k in ours if not torch.equal(ours[k], base[k.replace("model.", "backbone.", 1)])}
+    assert changed == {f"model.layers.{i}.mixer.{m}.weight" for i, ms in
+                       ((0, ("in_proj",)), (1, ("q_proj", "k_proj", "v_proj", "o_proj")), (2, ("up_proj", "down_proj")),
+                        (3, ("in_proj",))) for m in ms}
+    torch.testing.assert_close(outputs(load_base("llama", tmp_path / "out"), "llama"),
+                               outputs(peft_model(tiny_nemotron_h, adapter_dir), "llama"), rtol=1e-4, atol=1e-5)
+    assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0
