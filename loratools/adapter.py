@@ -228,7 +228,9 @@ class Adapter:
                 ))
             if len(meta.shape) == 4:
                 return self._problem(path, UnsupportedError(
-                    f"module {path}: {part} is 4-D (Conv2d LoRA), which loratools does not handle", code="conv2d-factor"
+                    f"module {path}: {part} is 4-D (Conv2d LoRA): PEFT merges ΔW = s·B⊛A, B's 1x1 kernel contracted "
+                    "with A's r channels at every kernel position (a 4-D weight), and loratools computes ΔW for "
+                    "2-D weights only (Linear, Conv1D, Embedding)", code="conv2d-factor"
                 ))
             if len(meta.shape) != 2 or 0 in meta.shape:
                 return self._problem(path, ShapeError(

@@ -177,3 +177,49 @@ def test_nemotron_h_merges_as_peft(tmp_path):
     torch.testing.assert_close(outputs(load_base("llama", tmp_path / "out"), "llama"),
                                outputs(peft_model(tiny_nemotron_h, adapter_dir), "llama"), rtol=1e-4, atol=1e-5)
     assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0
+
+
+# ---- 5. Conv2d LoRA: still refused, with PEFT's formula as the reason ----------------------------
+
+class TinyConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.proj = torch.nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        return self.proj(self.conv(x))
+
+
+@pytest.mark.parametrize("target,kernel", [("conv", 3), ("proj", 1)])
+def test_conv2d_lora_is_refused_with_the_reason(tmp_path, target, kernel):
+    """PEFT's Conv2d LoRA (lora_A a kxk Conv2d to r channels, lora_B 1x1): its merge is
+    ΔW[o, i] = s·Σ_r B[o, r]·A[r, i] at every kernel position — checked here — a 4-D weight
+    loratools does not merge; the refusal says so and writes nothing."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = TinyConvNet().eval()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file(base, str(tmp_path / "base.safetensors"), metadata={"format": "pt"})
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=[target]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    saved = adapter_tensors(tmp_path / "adapter")
+    a, b = saved[f"base_model.model.{target}.lora_A.weight"], saved[f"base_model.model.{target}.lora_B.weight"]
+    assert a.dim() == 4 and a.shape[2:] == (kernel, kernel) and b.shape[2:] == (1, 1)
+    merged = peft.merge_and_unload().state_dict()
+    delta = 2.0 * torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+    assert delta.abs().max() > 1e-3
+    torch.testing.assert_close(merged[f"{target}.weight"], base[f"{target}.weight"] + delta, rtol=1e-6, atol=1e-6)
+
+    result = run_cli("merge", tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out")
+    assert_clean_error(result, "Conv2d LoRA", "s·B⊛A", "2-D weights only", code=1)
+    assert not (tmp_path / "out").exists()
+    findings = [f for r in json.loads(run_cli("validate", tmp_path / "adapter", "--json").stdout)["results"] for f in r["findings"]]
+    assert "conv2d-factor" in [f["code"] for f in findings]
