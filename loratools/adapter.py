@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from .arch import Detection, Layout, Role, detect_from_paths, locate
-from .config import MERGEABLE_VARIANTS, AdapterConfig, variant_refusals
+from .config import AdapterConfig, variant_refusals
 from .errors import ConfigError, FormatError, LoraToolsError, ShapeError, UnsupportedError
 from .formats.dtypes import FLOAT_NAMES as FLOAT_DTYPES
 from .formats.tensors import MemoryStore, TensorStore
@@ -39,8 +39,9 @@ def factor_keys(path: str, embedding: bool) -> tuple[str, str]:
 _PART = re.compile(r"^(?P<module>.+)\.(?P<part>" + "|".join(map(re.escape, MODULE_PARTS)) + ")$")
 # trainable_token_indices: the new rows of an embedding (PEFT's TrainableTokensWrapper).
 _TOKENS = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
-# Tensors of LoRA variants loratools refuses (see config.refusals): known to PEFT, so not "unknown".
-_VARIANT_PART = re.compile(r"^(?P<module>.+)\.(lora_velora_embed|lora_monteclora_sampler\.\w+)$")
+# Tensors of a LoRA variant beyond its factors, which only PEFT's training step reads (VeLoRA's
+# projection, MonteCLoRA's sampler): known to PEFT, so not "unknown"; merge leaves them out.
+_VARIANT_PART = re.compile(r"^.+\.lora_(?:(?P<velora>velora)_embed|(?P<monteclora>monteclora)_sampler\.\w+)$")
 
 
 @dataclass
@@ -124,7 +125,7 @@ class Adapter:
         self.extras: list[Extra] = []
         self.trainable_tokens: list[TrainableTokens] = []
         self.unknown_keys: list[str] = []
-        self.variant_keys: list[str] = []  # tensors of a LoRA variant loratools refuses
+        self.variant_keys: list[str] = []  # tensors of a LoRA variant beyond A and B (not merged)
         self.detection: Detection = Detection(None, reason="not detected")
         self._parse()
 
@@ -156,7 +157,7 @@ class Adapter:
                 parts.setdefault(m["module"], {})[m["part"]] = key
             elif _TOKENS.match(rel):
                 self._add_trainable_tokens(key, _TOKENS.match(rel)["module"])
-            elif _VARIANT_PART.match(rel) and any(v not in MERGEABLE_VARIANTS for v in self.config.variants):
+            elif _variant_part(rel) in self.config.variants:
                 self.variant_keys.append(key)
             else:
                 plain.append(key)
@@ -236,7 +237,9 @@ class Adapter:
                 ))
             if len(meta.shape) == 4:
                 return self._problem(path, UnsupportedError(
-                    f"module {path}: {part} is 4-D (Conv2d LoRA), which loratools does not handle", code="conv2d-factor"
+                    f"module {path}: {part} is 4-D (Conv2d LoRA): PEFT merges ΔW = s·B⊛A, B's 1x1 kernel contracted "
+                    "with A's r channels at every kernel position (a 4-D weight), and loratools computes ΔW for "
+                    "2-D weights only (Linear, Conv1D, Embedding)", code="conv2d-factor"
                 ))
             if len(meta.shape) != 2 or 0 in meta.shape:
                 return self._problem(path, ShapeError(
@@ -331,7 +334,7 @@ class Adapter:
         a tensor it cannot place, or a PEFT feature whose effect is not (only) s·B·A.
         analysis=True (svd): only what would make the spectra of s·B·A wrong."""
         if analysis:
-            reasons = variant_refusals(self.config.raw, merging=False)
+            reasons = variant_refusals(self.config.raw, merging=False, analysis=True)
             if reasons:
                 raise UnsupportedError(f"cannot {operation} {self.source or 'the adapter'}: {reasons[0]}", code="unsupported")
             return
@@ -393,6 +396,12 @@ class Adapter:
     @property
     def architecture(self) -> str | None:
         return self.detection.architecture
+
+
+def _variant_part(rel: str) -> str | None:
+    """The variant whose own tensor this key is (`velora`, `monteclora`), or None."""
+    m = _VARIANT_PART.match(rel)
+    return (m["velora"] or m["monteclora"]) if m else None
 
 
 def _factor_parts(ps: dict[str, str]) -> bool:

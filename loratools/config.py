@@ -288,8 +288,13 @@ _VARIANT_FIELDS = (
     ("dora", "use_dora"), ("kasa", "kasa_config"), ("velora", "velora_config"), ("monteclora", "monteclora_config"),
     ("bdlora", "use_bdlora"), ("arrow", "arrow_config"), ("qalora", "use_qalora"), ("alora", "alora_invocation_tokens"),
 )
-# Merged exactly: DoRA (renormalised), KaSA (B·diag(d)·A on the SVD-truncated base), MiCA (plain LoRA).
-MERGEABLE_VARIANTS = frozenset({"dora", "kasa", "mica"})
+# Merged exactly: DoRA (renormalised), KaSA (B·diag(d)·A on the SVD-truncated base), MiCA (plain LoRA),
+# VeLoRA and MonteCLoRA (plain s·B·A outside training: PEFT merges and serves get_delta_weight; their
+# own tensors, VeLoRA's projection and MonteCLoRA's sampler, act only in a training step).
+MERGEABLE_VARIANTS = frozenset({"dora", "kasa", "mica", "velora", "monteclora"})
+# Variants whose saved tensors beyond A and B only training reads: svd analyses them as s·B·A, but a
+# rewritten adapter could not carry those tensors, and PEFT would load it with them missing.
+TRAINING_STATE_VARIANTS = {"velora": "lora_velora_embed", "monteclora": "lora_monteclora_sampler.*"}
 # init_lora_weights values whose adapter is relative to a base PEFT rewrote at initialisation;
 # all but LoftQ (which quantizes the base) convert back given the initial adapter (--initial).
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
@@ -303,22 +308,40 @@ def lora_variants(raw: dict[str, Any]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def variant_refusals(raw: dict[str, Any], merging: bool) -> list[str]:
+def variant_refusals(raw: dict[str, Any], merging: bool, analysis: bool = False) -> list[str]:
     """Why the LoRA variant(s) this config selects cannot be merged exactly (merging=True), or
-    treated as ΔW = s·B·A by convert/combine/resize/svd (merging=False); empty when they can."""
+    treated as ΔW = s·B·A by convert/combine/resize (merging=False) or svd (analysis=True); empty
+    when they can."""
     reasons = []
     variants = lora_variants(raw)
-    allowed = MERGEABLE_VARIANTS if merging else {"dora", "mica"}
+    allowed = MERGEABLE_VARIANTS if merging else {"dora", "mica", *(TRAINING_STATE_VARIANTS if analysis else ())}
     for variant in variants:
         if variant == "alora":
             reasons.append("aLoRA (alora_invocation_tokens) acts only after its invocation tokens, so it cannot be "
                            "merged into weights (PEFT refuses too)")
+        elif variant == "bdlora":
+            reasons.append(bdlora_refusal(raw.get("use_bdlora")))
+        elif variant in TRAINING_STATE_VARIANTS and variant not in allowed:
+            reasons.append(f"LoRA variant {variant}: its ΔW is s·B·A, but its training-only tensors "
+                           f"({TRAINING_STATE_VARIANTS[variant]}) cannot be carried over into a rewritten adapter "
+                           "(loratools merge, export and svd support it)")
         elif variant not in allowed:
             reasons.append(f"unsupported LoRA variant {variant}: its update is not a plain s·B·A"
                            + ("" if merging else f" (loratools merge supports {variant})" if variant in MERGEABLE_VARIANTS else ""))
     if len([v for v in variants if v in MERGEABLE_VARIANTS]) > 1:
         reasons.append(f"LoRA variants {' + '.join(variants)} together: PEFT has no such combination")
     return reasons
+
+
+def bdlora_refusal(bd: Any) -> str:
+    """BD-LoRA (PEFT's BlockDiagonalLinear): the block-diagonal factor is saved as its blocks, so
+    the file's A and B do not multiply to ΔW."""
+    bd = bd if isinstance(bd, dict) else {}
+    blocks = bd.get("nblocks", 1)
+    return (f"BD-LoRA (use_bdlora, nblocks={blocks}): PEFT saves each block-diagonal factor as its {blocks} diagonal "
+            f"blocks side by side (lora_A [r, in/{blocks}] for target_modules_bd_a {bd.get('target_modules_bd_a')}, "
+            f"lora_B [out, r/{blocks}] for target_modules_bd_b {bd.get('target_modules_bd_b')}) and merges "
+            "s·B·block_diag(A) or s·block_diag(B)·A, not s·B·A of the saved tensors; loratools does not expand the blocks")
 
 
 def refusals(raw: dict[str, Any], merging: bool, convertible_init: bool = True) -> list[str]:

@@ -24,6 +24,8 @@ class Role(str, Enum):
     LM_HEAD_TRANSFORM = "lm_head_transform"  # BERT's dense layer before the MLM decoder
     POOLER = "pooler"
     CLASSIFIER = "classifier"
+    SSM_IN = "ssm_in"  # a Mamba mixer's input projection (x, z, B, C, dt stacked)
+    SSM_OUT = "ssm_out"  # a Mamba mixer's output projection
 
     def __str__(self) -> str:  # print "attn_q", not "Role.ATTN_Q"
         return self.value

@@ -42,6 +42,9 @@ class Architecture:
     # (the recorded model class, the base's model_type) has to.
     naming: str = ""
     convertible: bool = False  # `convert` knows how to split/join this family's modules
+    # (module path, the name a checkpoint stores it under) where they differ: transformers' own
+    # renaming on load and save, paths from the model root.
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
 
     @property
     def scheme(self) -> str:
@@ -143,6 +146,7 @@ GPT_NEOX = Architecture(
         ModuleTemplate(Role.LM_HEAD, "embed_out", L, in_head=True),  # named lm_head by transformers 5
         ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
     ),
+    checkpoint_names=(("lm_head", "embed_out"),),  # transformers 5 saves GPTNeoXForCausalLM.lm_head as embed_out
 )
 
 FALCON = Architecture(
@@ -312,11 +316,22 @@ BERT = Architecture(
     convertible=True,
 )
 
+NEMOTRON_H = Architecture(  # hybrid: each layer's `mixer` is Mamba-2, attention or an MLP
+    name="nemotron_h",
+    model_types=("nemotron_h",),
+    heads=(Head("causal-lm", "model.", ("NemotronHForCausalLM",), ("lm_head",)), Head("base", "", ("NemotronHModel",))),
+    modules=tuple(ModuleTemplate(role, f"layers.{{layer}}.mixer.{leaf}", L) for role, leaf in (
+        (Role.ATTN_Q, "q_proj"), (Role.ATTN_K, "k_proj"), (Role.ATTN_V, "v_proj"), (Role.ATTN_OUT, "o_proj"),
+        (Role.FFN_UP, "up_proj"), (Role.FFN_DOWN, "down_proj"), (Role.SSM_IN, "in_proj"), (Role.SSM_OUT, "out_proj"),
+    )) + (ModuleTemplate(Role.TOKEN_EMBED, "embeddings", E), ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True)),
+    checkpoint_names=(("model", "backbone"),),  # transformers 5 saves NemotronHForCausalLM.model as backbone
+)
+
 # Order matters within a naming scheme: the first family is reported when the adapter records no
 # family and every family of the scheme stores its weights the same way.
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
-    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, GPT_BIGCODE, STARCODER2, GPT_NEOX, FALCON, OPT, T5, BERT)
+    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, GPT_BIGCODE, STARCODER2, GPT_NEOX, FALCON, OPT, T5, BERT, NEMOTRON_H)
 }
 # The naming schemes `convert` reads and writes (--from / --to), each by its first family.
 CONVERT_SCHEMES = ("llama", "gpt2", "bert")

@@ -42,7 +42,9 @@ def unmergeable_dtype(info: TensorInfo) -> str | None:
 class BaseNameMapper:
     """Find the base tensor for a name from the adapter. Checkpoints are saved with or without
     the backbone prefix (GPT-2's Hub checkpoint has `h.0...`, GPT2LMHeadModel's modules are
-    `transformer.h.0...`), so the prefix is added or dropped when that is what matches."""
+    `transformer.h.0...`), so the prefix is added or dropped when that is what matches; a module
+    the family's checkpoints store under another name (GPT-NeoX's lm_head as embed_out) is
+    found under either."""
 
     def __init__(self, base: Checkpoint, adapter: Adapter):
         self.base = base
@@ -56,6 +58,10 @@ class BaseNameMapper:
         out = [name]
         for prefix in self.prefixes:
             out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
+        for module, saved in self.arch.checkpoint_names if self.arch is not None else ():
+            for have, other in ((module, saved), (saved, module)):
+                if name.startswith(have + "."):
+                    out.append(other + name[len(have):])  # the family's other name for that module
         return out
 
     def is_lm_head(self, name: str) -> bool:
