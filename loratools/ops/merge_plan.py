@@ -16,6 +16,7 @@ from ..formats.safetensors_header import FLOAT_DTYPES
 from .basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
 from .initial import check_on_base
 from .merge_bounds import require_finite_merge
+from .merge_vocab import AddedTokens
 
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -50,6 +51,7 @@ class MergePlan:
     keep_quantized: bool = False  # write changed quantized weights quantized again (FP8), not dequantized
     untied: dict[str, str] = field(default_factory=dict)  # head written as its own tensor -> the embedding it was tied to
     outputs: dict[str, list[OutputTensor]] = field(default_factory=dict)  # shard -> its tensors in OUT, in file order
+    vocab_resized: tuple[int, int] | None = None  # (base rows, the adapter's) of a resized vocabulary (merge_vocab.py)
 
 
 def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: str | None = None,
@@ -81,11 +83,12 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
     _require_finite(adapter)
     mapper = BaseNameMapper(base, adapter)
     heads = _TiedHeads(base, adapter, mapper)
+    added = AddedTokens(mapper)
     ops: dict[str, TensorOps] = {}
     for extra in adapter.extras:
-        name = heads.target(extra.target, f"{extra.kind} tensor {extra.key}")
+        name = _extra_target(heads, mapper, extra)
         want, have = adapter.tensors.meta(extra.key).shape, base.info(heads.source(name)).shape
-        if want != have:
+        if want != have and not added.replaces(name, heads.source(name), tuple(want), tuple(have)):
             raise ShapeError(f"{extra.kind} tensor {extra.key}: shape {list(want)} but base {name} is {list(have)}")
         op = ops.setdefault(name, TensorOps())
         if op.replace_key is not None and not adapter.tensor(op.replace_key).equal(adapter.tensor(extra.key)):
@@ -103,7 +106,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
         info = base.info(heads.source(name))
         if unmergeable_dtype(info):
             raise UnsupportedError(f"module {module.path}: base {name} is {unmergeable_dtype(info)}", code="base-dtype")
-        if tuple(info.shape) != module.weight_shape:
+        if tuple(info.shape) != module.weight_shape and not added.takes(module, name, heads.source(name), tuple(info.shape)):
             raise ShapeError(
                 f"module {module.path}: adapter expects {name} of shape {list(module.weight_shape)} "
                 f"({module.layout.value}), base has {list(info.shape)}"
@@ -134,9 +137,18 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
     out_dtype = DTYPE_CODES[dtype] if dtype else None
     plan = MergePlan(base, adapter, ops, scale, out_dtype, keep_quantized, heads.untied,
                      _outputs(base, out_dtype, keep_quantized, heads.untied))
+    added.finish(plan, heads.untied)
     for checked in heads.by_base_tensor(plan):  # the bound check finds each changed tensor in the base by name
         require_finite_merge(checked)
     return plan
+
+
+def _extra_target(heads: "_TiedHeads", mapper: BaseNameMapper, extra) -> str:
+    """The output tensor an extra replaces. A layer saved by save_embedding_layers is loaded by
+    PEFT into the model's own parameter: a tied head's copy into the shared tensor (no untying)."""
+    if extra.kind == "embedding_layer":
+        return mapper.find(extra.target, f"saved embedding layer {extra.key}")
+    return heads.target(extra.target, f"{extra.kind} tensor {extra.key}")
 
 
 def _outputs(base: Checkpoint, out_dtype: str | None, keep_quantized: bool, untied: dict[str, str]) -> dict[str, list[OutputTensor]]:
