@@ -160,3 +160,27 @@ def test_lora_on_a_resized_embedding_without_its_rows_is_refused(tmp_path):
     save_file(tensors, str(weights))
     _refused(base_dir, adapter_dir, tmp_path / "out", "module model.embed_tokens", f"vocabulary has {M} tokens",
              f"has {N} rows", "does not save the resized model.embed_tokens")
+
+
+@pytest.mark.parametrize("family, saved", [("llama", dict(modules_to_save=["embed_tokens", "lm_head"])),
+                                           ("qwen2", dict(save_embedding_layers=True))])
+def test_extract_of_a_resized_fine_tune_round_trips(tmp_path, family, saved):
+    """extract BASE FINETUNED, FINETUNED with added tokens: the embedding and an untied head are
+    stored whole (modules_to_save); merging the extracted adapter gives the fine-tune's rows."""
+    base_dir, _, adapter_dir = resized_adapter(tmp_path, family, **saved)
+    finetuned = tmp_path / "finetuned"
+    assert run_cli("merge", base_dir, adapter_dir, finetuned).returncode == 0
+    result = run_cli("extract", base_dir, finetuned, tmp_path / "extracted", "--rank", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    embed = FAMILIES[family][3]
+    tokens = {embed} if FAMILIES[family][0] else {embed, "lm_head.weight"}
+    assert tokens <= set(json.loads(result.stdout)["saved"])
+    assert run_cli("merge", base_dir, tmp_path / "extracted", tmp_path / "again").returncode == 0
+    again, wanted = merged_tensors(tmp_path / "again"), merged_tensors(finetuned)
+    assert set(again) == set(wanted)
+    for name in tokens:
+        assert again[name].shape == (M, 16)
+        torch.testing.assert_close(again[name], wanted[name], rtol=0, atol=0)
+    for name in set(wanted) - tokens:  # the rank-2 LoRA on q_proj, recovered to round-off
+        torch.testing.assert_close(again[name], wanted[name], rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["vocab_size"] == M
