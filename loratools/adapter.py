@@ -81,7 +81,7 @@ class Extra:
     """A tensor that replaces a base tensor outright when merged."""
 
     key: str  # key in the adapter file
-    kind: str  # "modules_to_save" | "base_bias" | "full_embedding" | "bias"
+    kind: str  # "modules_to_save" | "base_bias" | "full_embedding" | "bias" | "embedding_layer"
     target: str  # the base tensor it replaces, relative to the model root
 
 
@@ -184,6 +184,9 @@ class Adapter:
             elif self._tied_head_copy(module, saved_modules):
                 # ensure_weight_tying with a saved embedding: PEFT also stores the tied head's copy
                 self.extras.append(Extra(key, "modules_to_save", target))
+            elif self._saved_embedding_layer(target):
+                # save_embedding_layers (PEFT's default once the vocabulary was resized): the whole layer
+                self.extras.append(Extra(key, "embedding_layer", target))
             elif target.endswith(".bias") and self.config.bias == "all":
                 self.extras.append(Extra(key, "bias", target))
             else:
@@ -214,6 +217,10 @@ class Adapter:
         """`path` is the lm_head PEFT ties (ensure_weight_tying) to a token embedding in modules_to_save."""
         return (bool(self.config.raw.get("ensure_weight_tying")) and self._role(path) is Role.LM_HEAD
                 and any(self._role(m) is Role.TOKEN_EMBED for m in saved_modules))
+
+    def _saved_embedding_layer(self, target: str) -> bool:
+        """`target` is a token embedding's or lm_head's weight, saved whole by save_embedding_layers."""
+        return target.endswith(".weight") and self._role(target[: -len(".weight")]) in (Role.TOKEN_EMBED, Role.LM_HEAD)
 
     def _problem(self, module: str | None, error: LoraToolsError) -> None:
         if not self._collect:

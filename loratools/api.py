@@ -88,6 +88,11 @@ def info(adapter: AdapterSpec, base: BaseSpec | None = None, compare_base: BaseS
 
         checkpoint = _open_base(base)
         report.base = base_summary(checkpoint)
+        from .ops.merge.vocab import vocabulary_change
+
+        change = vocabulary_change(checkpoint, loaded)  # an adapter trained with added tokens
+        if change is not None:
+            report.base["vocabulary"] = change
         if compare_base is not None:
             report.base["compare"] = compare_bases(loaded, checkpoint, _open_base(compare_base))
     return report

@@ -11,10 +11,10 @@ import torch
 
 from loratools.ops.extract import low_rank_factors
 from tests.conftest import assert_clean_error, run_cli
-from tests.peft_ref import outputs, peft_model
 from tests.merged import merged_tensors
+from tests.peft_ref import outputs, peft_model
 from tests.test_real_world import peft_adapter, tied_llama
-from tests.tiny_models import build_base
+from tests.tiny_models import build_base, save_llama_variant
 
 TARGETS = {
     "llama": ["q_proj", "v_proj", "o_proj", "down_proj"],
@@ -184,16 +184,10 @@ def test_bad_inputs_are_clean_errors_and_write_nothing(tmp_path):
     assert_clean_error(run_cli("extract", base_dir, ft_dir, out), "exactly one of --rank K or --energy T")
     assert_clean_error(run_cli("extract", base_dir, ft_dir, out, "--energy", "1.5"), "--energy")
     assert_clean_error(run_cli("extract", base_dir, ft_dir, base_dir / "x", "--rank", "2", "--force"), "overlaps an input")
-    assert_clean_error(run_cli("extract", base_dir, build_other_vocab(tmp_path), out, "--rank", "2"), "resized vocabulary")
+    save_llama_variant(tmp_path / "wider", intermediate_size=32)  # a resized vocabulary is extracted: test_resized_vocab.py
+    assert_clean_error(run_cli("extract", base_dir, tmp_path / "wider", out, "--rank", "2"), "cannot change shapes")
     assert_clean_error(run_cli("extract", base_dir, tmp_path / "missing", out, "--rank", "2"), "missing")
     assert not out.exists()
     out.mkdir()
     assert_clean_error(run_cli("extract", base_dir, ft_dir, out, "--rank", "2"), "already exists")
     assert list(out.iterdir()) == []
-
-
-def build_other_vocab(tmp_path):
-    model = build_base("llama")
-    model.resize_token_embeddings(80)
-    model.save_pretrained(str(tmp_path / "bigger"))
-    return tmp_path / "bigger"

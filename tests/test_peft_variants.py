@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import assert_clean_error, run_cli
+from tests.merged import assert_matches_peft, merged_tensors
 from tests.peft_ref import load_base, outputs, peft_model
-from tests.test_merge import assert_matches_peft, merged_tensors
 from tests.test_real_world import _lora_config, merge_matches_peft, peft_adapter
 from tests.tiny_models import build_base
 

@@ -44,12 +44,13 @@ def peft_adapter(tmp_path, build, seed: int = 1, trained=("lora_", "trainable_to
     return base_dir, adapter_dir
 
 
-def merge_matches_peft(tmp_path, base_dir, adapter_dir):
+def merge_matches_peft(tmp_path, base_dir, adapter_dir, trained_on=None):
+    """Merge into base_dir; OUT equals PEFT's merge_and_unload on `trained_on` (default: base_dir)."""
     out = tmp_path / "out"
     result = run_cli("merge", base_dir, adapter_dir, out)
     assert result.returncode == 0, result.stderr
     ours = merged_tensors(out)
-    reference = peft_merged_state_dict("llama", base_dir, adapter_dir)  # AutoModelForCausalLM, whatever the family
+    reference = peft_merged_state_dict("llama", trained_on or base_dir, adapter_dir)  # AutoModelForCausalLM, whatever the family
     assert_matches_peft(ours, reference)
     return ours, merged_tensors(base_dir)
 

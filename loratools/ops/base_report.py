@@ -37,7 +37,15 @@ def base_summary(base: Checkpoint) -> dict[str, Any]:
 def render_base(summary: dict[str, Any]) -> str:
     kind = f"quantized base ({summary['quantization']}), {summary['quantized_weights']} quantized weights" \
         if summary["quantization"] else "not quantized"
-    return f"base {summary['path']}: {summary['tensors']} tensors in {summary['shards']} shard(s), {kind}"
+    line = f"base {summary['path']}: {summary['tensors']} tensors in {summary['shards']} shard(s), {kind}"
+    return line + (f"\n{vocabulary_line(summary['vocabulary'])}" if summary.get("vocabulary") else "")
+
+
+def vocabulary_line(change: dict[str, int]) -> str:
+    """An adapter trained with added tokens (ops/merge/vocab.py), for info and validate."""
+    n, m = change["base"], change["adapter"]
+    return (f"vocabulary {'grows' if m > n else 'shrinks'} from {n} to {m} tokens (the adapter saves the resized embedding "
+            f"and head): merge writes them with {m} rows and vocab_size {m} in config.json")
 
 
 def compare_bases(adapter: Adapter, quantized: Checkpoint, reference: Checkpoint) -> list[dict[str, Any]]:

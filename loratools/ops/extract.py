@@ -133,7 +133,8 @@ def extract_adapter(
     wanted = set(modules) if modules is not None else None
     dev = resolve_device(device)
     arch, prefix, head = _architecture(base)
-    _require_same_tensors(base, finetuned)
+    resized = _resized_vocabulary(base, finetuned, arch, prefix)
+    _require_same_tensors(base, finetuned, resized)
     tied, head_path = _tied_embedding(base, arch, prefix)
     report = ExtractReport(str(base.path), str(finetuned.path), tied_embedding=tied is not None)
     tensors: dict[str, torch.Tensor] = {}
@@ -163,8 +164,8 @@ def extract_adapter(
             report.not_extracted[name] = "changed, not in --modules"
             continue
         out_dtype = _torch_dtype(dtype, info.dtype)
-        if ref.layout is Layout.EMBEDDING and embeddings != "lora":
-            if embeddings == "save":
+        if (ref.layout is Layout.EMBEDDING and embeddings != "lora") or name in resized:
+            if embeddings == "save" or name in resized:  # a resized vocabulary: its rows, whole
                 tensors[f"{PREFIX}{name}"] = tuned_t.to(out_dtype)
                 if module_path == tied:  # PEFT (ensure_weight_tying) also stores the head's tied copy
                     tensors[f"{PREFIX}{head_path}.weight"] = tensors[f"{PREFIX}{name}"]
@@ -239,7 +240,21 @@ def _file_order(checkpoint: Checkpoint) -> list[str]:
     return names
 
 
-def _require_same_tensors(base: Checkpoint, finetuned: Checkpoint) -> None:
+def _resized_vocabulary(base: Checkpoint, finetuned: Checkpoint, arch, prefix: str) -> set[str]:
+    """Token tensors (the embedding, a stored lm_head) whose rows FINETUNED has more or fewer of:
+    a fine-tune with added tokens (resize_token_embeddings). Stored whole, as modules_to_save,
+    whatever --embeddings says (mergekit's choice): no LoRA changes a shape."""
+    out = set()
+    for name in set(base.weight_map) & set(finetuned.weight_map):
+        b, f = base.info(name).shape, finetuned.info(name).shape
+        ref = locate(arch, prefix, name.rpartition(".")[0])
+        if (ref is not None and ref.role in (Role.TOKEN_EMBED, Role.LM_HEAD) and name.endswith(".weight")
+                and len(b) == len(f) == 2 and b[1] == f[1] and b[0] != f[0]):
+            out.add(name)
+    return out
+
+
+def _require_same_tensors(base: Checkpoint, finetuned: Checkpoint, resized: set[str] = frozenset()) -> None:
     only_base = sorted(set(base.weight_map) - set(finetuned.weight_map))
     only_ft = sorted(set(finetuned.weight_map) - set(base.weight_map))
     if only_base or only_ft:
@@ -251,8 +266,9 @@ def _require_same_tensors(base: Checkpoint, finetuned: Checkpoint) -> None:
         )
     for name in base.weight_map:
         b, f = base.info(name), finetuned.info(name)
-        if b.shape != f.shape:
-            raise ShapeError(f"{name}: BASE {list(b.shape)} but FINETUNED {list(f.shape)} (resized vocabulary?); an adapter cannot change shapes")
+        if b.shape != f.shape and name not in resized:
+            raise ShapeError(f"{name}: BASE {list(b.shape)} but FINETUNED {list(f.shape)}; an adapter cannot change shapes "
+                             "(only a resized vocabulary's embedding and head, stored whole)")
 
 
 def _architecture(base: Checkpoint):

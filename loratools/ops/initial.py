@@ -46,7 +46,7 @@ from ..config import BASE_MODIFYING_INITS, CONVERTIBLE_INITS, with_module_ranks
 from ..errors import ConfigError, FormatError, ShapeError, UnsupportedError
 from ..formats.checkpoint import Checkpoint
 
-# torch is imported inside the functions: merge_plan (torch-free, shared with validate) imports this module.
+# torch is imported inside the functions: merge/plan.py (torch-free, shared with validate) imports this module.
 
 FLOAT32_NOISE = 1e-4  # float32 SVD / QR / GEMM round-off, relative (measured ~1e-6)
 BASE_ROUNDING = 2 * 2.0**-8  # PEFT may have initialised from the base rounded to bfloat16

@@ -25,6 +25,7 @@ from ..formats.tensors import SafetensorsStore, TensorStore, load_pickled_tensor
 from ..report import Report
 
 ERROR, WARNING = "error", "warning"
+NOTICE = "notice"  # what the user should know, never a failure (not even with --strict)
 
 # Fields of PEFT's LoraConfig (0.21) and PeftConfig, plus keys older PEFT versions wrote.
 KNOWN_CONFIG_KEYS = frozenset(
@@ -43,7 +44,7 @@ _ADAPTER_NAME_IN_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embed
 @dataclass
 class Finding:
     code: str
-    severity: str  # "error" | "warning"
+    severity: str  # "error" | "warning" | "notice"
     module: str | None
     message: str
 
@@ -231,6 +232,8 @@ def _check_against_base(adapter: Adapter, base: Checkpoint, add) -> None:
     except LoraToolsError as exc:
         add(exc.code, ERROR, str(exc))
         return
+    if _vocabulary_resized(adapter, base, add):
+        return
     mapper = BaseNameMapper(base, adapter)
     for path, module in adapter.modules.items():
         try:
@@ -253,6 +256,27 @@ def _check_against_base(adapter: Adapter, base: Checkpoint, add) -> None:
         elif tuple(base.info(name).shape) != adapter.tensors.meta(extra.key).shape:
             want, have = list(adapter.tensors.meta(extra.key).shape), list(base.info(name).shape)
             add("base-shape", ERROR, f"{extra.kind} tensor {extra.key} has shape {want}, the base's {name} is {have}", extra.target)
+
+
+def _vocabulary_resized(adapter: Adapter, base: Checkpoint, add) -> bool:
+    """An adapter trained with added tokens (ops/merge/vocab.py): merge's own plan decides, so the
+    shape checks below (which would see another vocabulary) are skipped. A notice when merge takes
+    it, else merge's reason (`base-vocab-size`: a token tensor whose added rows it does not save)."""
+    from .base_report import vocabulary_line
+    from .merge import plan_merge
+    from .merge.vocab import CODE
+
+    try:
+        plan = plan_merge(base, adapter)
+    except LoraToolsError as exc:
+        if exc.code != CODE:
+            return False
+        add(CODE, ERROR, str(exc))
+        return True
+    if plan.vocab_resized is None:
+        return False
+    add("vocab-resized", NOTICE, vocabulary_line({"base": plan.vocab_resized[0], "adapter": plan.vocab_resized[1]}))
+    return True
 
 
 def _check_merge_plan(adapter: Adapter, base: Checkpoint, add) -> None:
@@ -337,7 +361,7 @@ class ValidateReport(Report):
             status = "ok" if r.ok(self.strict) else "FAIL"
             counts = f"{r.errors} error(s), {r.warnings} warning(s)"
             lines.append(f"{status:<5}{r.adapter}: {counts}")
-            for severity in (ERROR, WARNING):
+            for severity in (ERROR, WARNING, NOTICE):
                 for f in (f for f in r.findings if f.severity == severity):
                     lines.append(f"  {severity:<8}{f.code:<22}{f.message}")
         serving = serving_set(r.serving for r in self.results)

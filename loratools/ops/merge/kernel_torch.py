@@ -34,7 +34,7 @@ def merge_tensor(plan: MergePlan, ops: TensorOps | None, raw: np.ndarray, in_dty
                  shape: tuple[int, ...], writer, name: str, dev: torch.device, state: "DeviceState") -> None:
     """Queue on `writer` the tensor stored as `raw` (its bytes, read-only) after `ops` (None:
     only a dtype change)."""
-    base = tensor_from_bytes(raw, TORCH_DTYPES[in_dtype], shape)
+    base = tensor_from_bytes(raw, TORCH_DTYPES[in_dtype], _stored_shape(ops, raw, TORCH_DTYPES[in_dtype], shape))
     if state.stager is not None:
         base = state.stager.to_device(base)
     out = TensorOutput(writer, name, TORCH_DTYPES[out_dtype], shape, state.checks)
@@ -43,6 +43,14 @@ def merge_tensor(plan: MergePlan, ops: TensorOps | None, raw: np.ndarray, in_dty
     else:
         apply_ops(plan, ops, base, out, dev)
     out.finish()
+
+
+def _stored_shape(ops: TensorOps | None, raw: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The base tensor's own shape. A replaced tensor is written in the adapter's shape, which
+    for a resized vocabulary has other rows than the base's (vocab.py)."""
+    if ops is None or ops.replace_key is None or len(shape) != 2:
+        return shape
+    return (raw.size // (dtype.itemsize * max(1, shape[1])), shape[1])
 
 
 def tensor_from_bytes(raw: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .. import dequant
 from ..basemap import BaseNameMapper, adapter_for_base, unmergeable_dtype
 from ..initial import check_on_base
 from .bounds import require_finite_merge
+from .vocab import AddedTokens
 
 
 @dataclass
@@ -75,6 +76,8 @@ class MergePlan:
     untied: dict[str, str] = field(default_factory=dict)  # head written as its own tensor -> the embedding it was tied to
     outputs: dict[str, list[OutputTensor]] = field(default_factory=dict)  # shard -> its tensors in OUT, in file order
     device: str = "cpu"  # where computed tensors are computed: it decides their kernels
+    vocab_resized: tuple[int, int] | None = None  # (base rows, the adapter's) of a resized vocabulary (vocab.py)
+    reshaped: dict[str, tuple[int, ...]] = field(default_factory=dict)  # token tensors in the adapter's shape
 
     def on_device(self, device: str) -> "MergePlan":
         """The same plan computed on `device` ("cpu" or a torch device string): on a GPU every
@@ -82,7 +85,7 @@ class MergePlan:
         if device == self.device:
             return self
         return replace(self, device=device, outputs=_outputs(self.base, self.ops, self.out_dtype, self.keep_quantized,
-                                                             self.untied, device))
+                                                             self.untied, device, self.reshaped))
 
     def to_dict(self) -> dict:
         """The plan as data (`merge --dry-run --json`)."""
@@ -144,11 +147,12 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
     _require_finite(adapter)
     mapper = BaseNameMapper(base, adapter)
     heads = _TiedHeads(base, adapter, mapper)
+    added = AddedTokens(mapper)
     ops: dict[str, TensorOps] = {}
     for extra in adapter.extras:
-        name = heads.target(extra.target, f"{extra.kind} tensor {extra.key}")
+        name = _extra_target(heads, mapper, extra)
         want, have = adapter.tensors.meta(extra.key).shape, base.info(heads.source(name)).shape
-        if want != have:
+        if want != have and not added.replaces(name, heads.source(name), tuple(want), tuple(have)):
             raise ShapeError(f"{extra.kind} tensor {extra.key}: shape {list(want)} but base {name} is {list(have)}")
         op = ops.setdefault(name, TensorOps())
         if op.replace_key is not None and not adapter.tensor(op.replace_key).equal(adapter.tensor(extra.key)):
@@ -166,7 +170,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
         info = base.info(heads.source(name))
         if unmergeable_dtype(info):
             raise UnsupportedError(f"module {module.path}: base {name} is {unmergeable_dtype(info)}", code="base-dtype")
-        if tuple(info.shape) != module.weight_shape:
+        if tuple(info.shape) != module.weight_shape and not added.takes(module, name, heads.source(name), tuple(info.shape)):
             raise ShapeError(
                 f"module {module.path}: adapter expects {name} of shape {list(module.weight_shape)} "
                 f"({module.layout.value}), base has {list(info.shape)}"
@@ -196,19 +200,31 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
                                        code="quantized-base")
     out_dtype = DTYPE_CODES[dtype] if dtype else None
     plan = MergePlan(base, adapter, ops, scale, out_dtype, keep_quantized, heads.untied,
-                     _outputs(base, ops, out_dtype, keep_quantized, heads.untied, device), device)
+                     _outputs(base, ops, out_dtype, keep_quantized, heads.untied, device, added.rows),
+                     device, reshaped=dict(added.rows))
+    added.finish(plan, heads.untied)
     for checked in heads.by_base_tensor(plan):  # the bound check finds each changed tensor in the base by name
         require_finite_merge(checked)
     return plan
 
 
+def _extra_target(heads: "_TiedHeads", mapper: BaseNameMapper, extra) -> str:
+    """The output tensor an extra replaces. A layer saved by save_embedding_layers is loaded by
+    PEFT into the model's own parameter: a tied head's copy into the shared tensor (no untying)."""
+    if extra.kind == "embedding_layer":
+        return mapper.find(extra.target, f"saved embedding layer {extra.key}")
+    return heads.target(extra.target, f"{extra.kind} tensor {extra.key}")
+
+
 def _outputs(base: Checkpoint, ops: dict[str, TensorOps], out_dtype: str | None, keep_quantized: bool,
-             untied: dict[str, str], device: str) -> dict[str, list[OutputTensor]]:
+             untied: dict[str, str], device: str,
+             reshaped: dict[str, tuple[int, ...]] | None = None) -> dict[str, list[OutputTensor]]:
     """Every tensor of OUT, shard by shard in file order, with the dtype it is written in and
     what makes it. --dtype casts the model's float tensors. With keep_quantized a quantized
     weight keeps its stored format (FP8 codes; a changed one quantized again) and so do its
     float32 scales, which are not the model's floats; otherwise it is written dequantized and its
-    scales and code maps are dropped. An untied head follows the embedding it is made from."""
+    scales and code maps are dropped. An untied head follows the embedding it is made from;
+    a token tensor in `reshaped` is written in the adapter's shape (a resized vocabulary)."""
     head_of = {embed: head for head, embed in untied.items()}
     requantized = {}  # keep_quantized: every stored tensor of a changed quantized weight -> that weight
     if keep_quantized:
@@ -227,11 +243,13 @@ def _outputs(base: Checkpoint, ops: dict[str, TensorOps], out_dtype: str | None,
             else:
                 stored = base.info(name)  # a quantized weight: its dequantized dtype and shape
                 dtype = out_dtype if out_dtype and stored.dtype in FLOAT_CODES else stored.dtype
-            shape = tuple(stored.shape)
+            stored_shape, reshaped = tuple(stored.shape), reshaped or {}
+            shape = reshaped.get(name, stored_shape)
             decoded = name in base.quantized and not keep_quantized
             entries.append(_output(base, ops, name, name, dtype, shape, decoded, requantized.get(name), device))
             if name in head_of:  # (plan_merge refuses to untie a quantized embedding)
-                entries.append(_output(base, ops, head_of[name], name, dtype, shape, False, None, device))
+                entries.append(_output(base, ops, head_of[name], name, dtype, reshaped.get(head_of[name], stored_shape), False,
+                                       None, device))
         outputs[shard] = entries
     return outputs
 

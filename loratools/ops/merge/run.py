@@ -99,7 +99,7 @@ def merge_checkpoint(
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(base.path / rel, tmp / rel)  # follows Hub cache symlinks
                 os.chmod(tmp / rel, _mode(base.path / rel))
-            if (plan.out_dtype or plan.keep_quantized or plan.untied) and (tmp / "config.json").is_file():
+            if (plan.out_dtype or plan.keep_quantized or plan.untied or plan.vocab_resized) and (tmp / "config.json").is_file():
                 _record_config(tmp / "config.json", plan)
             _require_unchanged(plan)
     changed = sum(1 for o in plan.ops.values() if o.modules or o.lora_biases)
@@ -199,6 +199,8 @@ def _record_config(config_path: Path, plan: MergePlan) -> None:
         for part in (config, config.get("text_config")):
             if isinstance(part, dict):
                 part["tie_word_embeddings"] = False
+    if plan.vocab_resized:
+        _record_vocab_size(config, plan.vocab_resized[1])
     if plan.out_dtype:
         name = DTYPES[plan.out_dtype].name
         keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["dtype"]
@@ -206,3 +208,11 @@ def _record_config(config_path: Path, plan: MergePlan) -> None:
     if plan.base.quantized and not plan.keep_quantized:
         config.pop("quantization_config", None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _record_vocab_size(config: dict, size: int) -> None:
+    """A resized vocabulary (vocab.py): vocab_size where the config records it (a nested
+    text_config too), else at the top level."""
+    parts = [part for part in (config, config.get("text_config")) if isinstance(part, dict) and "vocab_size" in part]
+    for part in parts or [config]:
+        part["vocab_size"] = size
