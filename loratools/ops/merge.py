@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import UsageError
-from ..formats.atomic import atomic_dir, atomic_file, refuse_overlap
+from ..formats.atomic import atomic_dir, atomic_file, copy_regular, refuse_overlap
 from ..formats.checkpoint import INDEX_NAME
 from ..formats.safetensors_writer import tensor_nbytes
 from ..report import Report
@@ -132,7 +131,7 @@ def merge_checkpoint(
                 os.chmod(tmp / INDEX_NAME, _mode(base.path / INDEX_NAME))
             for rel in base.other_files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(base.path / rel, tmp / rel)  # follows Hub cache symlinks
+                copy_regular(base.path / rel, tmp / rel)  # follows Hub cache symlinks; a FIFO or device: not-a-file
                 os.chmod(tmp / rel, _mode(base.path / rel))
             if (plan.out_dtype or plan.keep_quantized or plan.untied) and (tmp / "config.json").is_file():
                 _record_config(tmp / "config.json", plan)
