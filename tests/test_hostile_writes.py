@@ -474,3 +474,97 @@ def test_initial_on_a_base_with_nan_is_refused_as_non_finite(pissa, tmp_path):
     result = run_cli("merge", bad, trained, tmp_path / "out", "--initial", initial)
     assert_clean_error(result, f"module model.layers.0.self_attn.q_proj: NaN or Inf in base {key}", code=1)
     assert_nothing_written(tmp_path / "out")
+
+
+# ---- 8. property: any write, open or rename failing at any call ----------------------------------
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+_REFERENCES: dict[str, dict[str, bytes]] = {}
+
+
+def _reference(command: str, capsys) -> dict[str, bytes]:
+    """What the command writes when nothing fails (once per command)."""
+    import tempfile
+
+    if command not in _REFERENCES:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out"
+            status, _, err = run_in_process(capsys, *WRITERS[command](out))
+            assert status == 0, err
+            _REFERENCES[command] = _tree(_out_name(out, command))
+    return _REFERENCES[command]
+
+
+def _inject(patch, call: str, fault: str, index: int) -> None:
+    """Make the `index`-th call of `call` (os.write, os.open creating a file, or the final
+    rename) fail with `fault`: an errno, or "short" (half the bytes, then ENOSPC on the next)."""
+    from loratools.formats import atomic
+
+    count = {"n": 0}
+    errnum = {"ENOSPC": errno.ENOSPC, "EROFS": errno.EROFS, "ENAMETOOLONG": errno.ENAMETOOLONG, "short": errno.ENOSPC}[fault]
+
+    def due() -> bool:
+        count["n"] += 1
+        return count["n"] >= index if fault == "short" else count["n"] == index
+
+    if call == "write":
+        real_write = os.write
+
+        def write(fd, data):
+            if not due():
+                return real_write(fd, data)
+            view = memoryview(data).cast("B")
+            if fault == "short" and count["n"] == index and view.nbytes > 1:
+                return real_write(fd, view[: view.nbytes // 2])
+            raise OSError(errnum, os.strerror(errnum))
+
+        patch.setattr(os, "write", write)
+    elif call == "open":
+        real_open = os.open
+
+        def open_(path, flags, *rest, **kw):
+            if flags & os.O_CREAT and due():
+                raise OSError(errnum, os.strerror(errnum), os.fspath(path))
+            return real_open(path, flags, *rest, **kw)
+
+        patch.setattr(os, "open", open_)
+    else:
+        real_rename = atomic._renameat2
+
+        def rename(src, dst, flags):
+            if due():
+                raise OSError(errnum, os.strerror(errnum), os.fspath(dst))
+            return real_rename(src, dst, flags)
+
+        patch.setattr(atomic, "_renameat2", rename)
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+# capsys is shared by the examples on purpose: run_in_process reads it empty before each run.
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(sorted(WRITERS)), call=st.sampled_from(["write", "open", "rename"]),
+       fault=st.sampled_from(["short", "ENOSPC", "EROFS", "ENAMETOOLONG"]), index=st.integers(1, 6))
+def test_any_write_failing_leaves_nothing_or_a_complete_output(capsys, command, call, fault, index):
+    import tempfile
+
+    expected = _reference(command, capsys)
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+        root = Path(tmp)
+        out = root / "out"
+        _inject(patch, call, fault, index)
+        status, _, err = run_in_process(capsys, *WRITERS[command](out))
+        patch.undo()
+        if status == 0:
+            assert _tree(_out_name(out, command)) == expected
+            only(root, _out_name(out, command).name)
+        else:
+            assert_one_line_error(status, err)
+            only(root)
