@@ -568,3 +568,63 @@ def test_any_write_failing_leaves_nothing_or_a_complete_output(capsys, command, 
         else:
             assert_one_line_error(status, err)
             only(root)
+
+
+# ---- 5. FP8 bases: NaN block scales, orphan scales ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp8_base(tmp_path_factory):
+    """A tiny block-scaled FP8 LLaMA and a LoRA adapter on its q_proj."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tests.quantized_models import save_bf16, save_fp8, tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("fp8")
+    base8 = save_fp8(save_bf16("llama", root / "b16"), root / "b8", block=[32, 32])
+    torch.manual_seed(5)
+    model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(root / "adapter")
+    return base8, root / "adapter"
+
+
+def _edited_base(base: Path, root: Path, edit) -> Path:
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+    out = root / "base"
+    shutil.copytree(base, out)
+    tensors = load_torch(str(out / "model.safetensors"))
+    edit(tensors)
+    save_torch(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("weight", ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"])
+def test_a_nan_block_scale_fails_validate_base_as_merge(fp8_base, tmp_path, weight):
+    """Under the adapter or not: merge refuses it, so validate --base reports it in the same line."""
+    base8, adapter = fp8_base
+
+    def nan_scale(tensors):
+        key = weight + "_scale_inv"
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[1] = float("nan")
+
+    base = _edited_base(base8, tmp_path, nan_scale)
+    fragment = f"{weight}_scale_inv: a block scale is NaN or Inf"
+    assert_clean_error(run_cli("validate", adapter, "--base", base), fragment, code=1)
+    assert_clean_error(run_cli("merge", base, adapter, tmp_path / "out"), fragment, code=1)
+    assert_nothing_written(tmp_path / "out")
+    assert run_cli("validate", adapter, "--base", base8).returncode == 0
+
+
+def test_an_orphan_block_scale_is_not_copied(fp8_base, tmp_path):
+    """A weight_scale_inv without its weight is refused (quant-state), never copied into OUT."""
+    import torch
+
+    base8, adapter = fp8_base
+    base = _edited_base(base8, tmp_path, lambda t: t.update({"model.layers.1.mlp.extra.weight_scale_inv": torch.ones(2, 2)}))
+    fragment = "model.layers.1.mlp.extra.weight_scale_inv: a block scale without its weight"
+    assert_clean_error(run_cli("validate", adapter, "--base", base), fragment, code=1)
+    assert_clean_error(run_cli("merge", base, adapter, tmp_path / "out"), fragment, code=1)
+    assert_nothing_written(tmp_path / "out")
