@@ -323,7 +323,8 @@ def export(
     scaling folded into its B. base_arch: a key of arch.gguf.GGUF_ARCHS (default: the
     adapter's, or the base's model_type). base: a directory, config.json or Hub id whose
     config.json gives the head counts (needed to reorder q/k rows for llama.cpp) and tying."""
-    from .formats.json_text import parse_json
+    from .errors import ConfigError
+    from .formats.json_text import read_json_file
     from .ops.export_gguf import export_gguf
 
     if Path(out).suffix != ".gguf":
@@ -333,10 +334,7 @@ def export(
     if base is not None:
         path = resolve(base, allow_patterns=["config.json"])
         path = path / "config.json" if path.is_dir() else path
-        try:
-            config = parse_json(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--base {base}: no readable config.json ({exc})") from None
+        config = read_json_file(path, error=ConfigError)  # a regular file of bounded size: not-a-file, too-large...
         if not isinstance(config, dict):
             raise UsageError(f"--base {base}: config.json is not a JSON object")
         if isinstance(config.get("model_type"), str):

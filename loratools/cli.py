@@ -17,7 +17,7 @@ import click
 
 from .arch import CONVERT_SCHEMES
 from .arch.gguf import GGUF_ARCHS
-from .errors import LoraToolsError
+from .errors import LoraToolsError, write_error_code
 from .ops.choices import COMBINE_METHODS, DTYPES, EMBEDDING_MODES, MAJORITY_SIGNS
 
 
@@ -51,6 +51,11 @@ class _Group(click.Group):
             _fail(f"terminated by {signal.Signals(exc.signum).name}; nothing was written", 128 + exc.signum)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
+        except OSError as exc:  # the system's, from a place that did not name it: still one line, exit 1
+            if debug:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc} ({write_error_code(exc.errno)})", 1)
         except Exception as exc:  # a bug in loratools, or an error we failed to anticipate
             if debug:
                 raise

@@ -7,6 +7,8 @@ also inherits the matching builtin so library callers can catch ValueError, File
 
 from __future__ import annotations
 
+import errno as _errno
+
 
 class LoraToolsError(Exception):
     """Base class: the CLI prints `Error: <message>` and exits with `exit_code`.
@@ -83,3 +85,19 @@ class DiskError(LoraToolsError, OSError):
     def __init__(self, message: str = "", *, code: str | None = None, errnum: int | None = None):
         super().__init__(message, code=code)
         self.errno = errnum
+
+
+# The one table of what a failed write is called, by the system's errno; anything else is
+# `write-error` (EIO of a failing disk, EFBIG of a file-size limit, ENOENT under /proc...).
+WRITE_ERROR_CODES = {
+    _errno.ENOSPC: "no-space",  # a full disk
+    _errno.EDQUOT: "no-space",  # a full quota
+    _errno.ENAMETOOLONG: "name-too-long",
+    _errno.EROFS: "read-only",
+    _errno.EACCES: "permission-denied",
+    _errno.EPERM: "permission-denied",
+}
+
+
+def write_error_code(errnum: int | None) -> str:
+    return WRITE_ERROR_CODES.get(errnum, "write-error")

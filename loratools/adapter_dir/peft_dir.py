@@ -10,7 +10,7 @@ from ..adapter import Adapter
 from ..config import CONFIG_NAME, AdapterConfig, config_json, read_raw_config
 from ..errors import FormatError, InputNotFoundError
 from .adalora import PEFT_TYPE, adalora_problems, as_lora, is_adalora
-from ..formats.atomic import atomic_dir, default_mode, refuse_overlap, write_error
+from ..formats.atomic import atomic_dir, refuse_overlap, write_bytes
 from ..formats.tensors import MemoryStore, SafetensorsStore, TensorStore, load_pickled_tensors, refuse_non_finite
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -70,20 +70,18 @@ def write_adapter(adapter: Adapter, out: str | os.PathLike, force: bool = False,
     """Write `adapter` as a PEFT directory (config + safetensors), atomically. `inputs`: paths the
     adapter was made from, which `out` may not overlap. Every command that writes an adapter comes
     here, so every one refuses NaN/Inf (`non-finite`) before anything is created."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     refuse_overlap(out, [*inputs, *adapter.input_paths()])
     # Load and check everything before creating anything, so an error leaves no output behind.
     tensors = _own_storage(adapter.state_dict())
     refuse_non_finite(tensors, out)
+    # Serialized in memory (an adapter is small) and written by our own checked writes: a short
+    # write, a full disk or a lost byte is one line, whatever safetensors' own I/O would do.
+    data = save(tensors, metadata={"format": "pt"})
     with atomic_dir(out, force=force) as tmp:
-        (tmp / CONFIG_NAME).write_text(config_json(adapter.config.raw))
-        try:
-            save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
-        except SafetensorError as exc:  # its I/O errors (a full disk) are not OSErrors
-            raise write_error(out, f"writing {SAFETENSORS_NAME} failed ({exc})") from None
-        os.chmod(tmp / SAFETENSORS_NAME, default_mode(directory=False))  # safetensors creates it 0600
+        write_bytes(tmp / CONFIG_NAME, config_json(adapter.config.raw).encode("utf-8"))
+        write_bytes(tmp / SAFETENSORS_NAME, data)
     return Path(out)
 
 

@@ -6,8 +6,10 @@
 - Whether an existing output may be replaced is decided when the output is moved into place, not
   when the work starts: without `force`, an output that appeared meanwhile (another run, another
   user) is left alone and this run fails; with `force`, the swap is one atomic rename.
-- A write that fails (a full disk, a file-size limit, a read-only filesystem) is one line,
-  `no-space` or `write-error`, and the temporary is removed.
+- A write that fails is one line whose code comes from one table (errors.WRITE_ERROR_CODES:
+  `no-space`, `name-too-long`, `read-only`, `permission-denied`, else `write-error`), and the
+  temporary is removed. Files are written whole (`write_all`: a short write goes on where it
+  stopped, a write of nothing is an error) and their size checked against what was written.
 - Inputs are never outputs: every writing command refuses an output that is, contains, or sits
   inside one of its inputs (`refuse_overlap`).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -23,12 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import DiskError, LoraToolsError, OutputExistsError, UsageError
+from ..errors import DiskError, LoraToolsError, OutputExistsError, UsageError, write_error_code
 
 
 def check_output(out: str | os.PathLike, force: bool) -> Path:
     out = Path(out)
-    if (out.exists() or out.is_symlink()) and not force:
+    if _made(out, lambda: out.exists() or out.is_symlink()) and not force:  # ENAMETOOLONG, EACCES on the way
         raise OutputExistsError(f"{out}: already exists (use --force to replace it)")
     return out
 
@@ -92,14 +95,67 @@ def atomic_file(out: str | os.PathLike, force: bool = False, mode: int | None = 
 
 # ---- write errors -------------------------------------------------------------------------------
 
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
 def write_error(out: str | os.PathLike, detail: str, errnum: int | None = None) -> DiskError:
-    """A failed write as one line: `no-space` for a full disk or quota, else `write-error` (an
-    OSError too, for library callers)."""
-    no_space = errnum in _NO_SPACE or any(f"os error {e})" in detail for e in _NO_SPACE)  # Rust's io::Error text
-    return DiskError(f"{out}: {detail}; nothing was written", code="no-space" if no_space else "write-error", errnum=errnum)
+    """A failed write as one line, its code from errors.WRITE_ERROR_CODES (an OSError too, for
+    library callers)."""
+    return DiskError(f"{out}: {detail}; nothing was written", code=write_error_code(errnum), errnum=errnum)
+
+
+def write_all(fd: int, data) -> int:
+    """Write every byte of `data` to descriptor `fd`: a short write goes on where it stopped, a
+    write that takes nothing is an error (EIO) rather than a loop. Returns the bytes written."""
+    view = memoryview(data).cast("B")
+    total = view.nbytes
+    while view.nbytes:
+        n = os.write(fd, view)
+        if not n:
+            raise OSError(errno.EIO, "the disk took no bytes of a write")
+        view = view[n:]
+    return total
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """A new file `path` holding exactly `data` (inside a temporary of atomic_dir/atomic_file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
+    try:
+        write_all(fd, data)
+        check_size(path, len(data), fd)
+    finally:
+        os.close(fd)
+
+
+def copy_regular(src: str | os.PathLike, dst: str | os.PathLike, mode: int | None = None) -> int:
+    """Copy regular file `src` (a symlink to one is fine) to a new file `dst`: what is opened is
+    checked to be a regular file (`not-a-file`: a FIFO, /dev/zero...), and exactly the size it
+    has when opened is copied, never more. Returns the bytes copied."""
+    from .files import open_regular, read_error
+
+    with open_regular(src) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
+        try:
+            done = 0
+            while done < size:
+                try:
+                    block = fh.read(min(16 << 20, size - done))
+                except OSError as exc:
+                    raise read_error(os.fspath(src), exc) from None
+                if not block:
+                    raise LoraToolsError(f"{src}: ended early while being copied (truncated meanwhile?); nothing was written",
+                                         code="input-changed")
+                done += write_all(fd, block)
+            check_size(dst, size, fd)
+        finally:
+            os.close(fd)
+    return size
+
+
+def check_size(path: str | os.PathLike, expected: int, fd: int | None = None) -> None:
+    """The file holds `expected` bytes: a writer that lost bytes without an error (a disk that
+    filled up under a library's own I/O) fails here, not in the next program that reads it."""
+    size = os.fstat(fd).st_size if fd is not None else os.stat(path).st_size
+    if size != expected:
+        raise OSError(errno.EIO, f"{size:,} bytes on disk where {expected:,} were written", os.fspath(path))
 
 
 def _made(out: Path, make):
@@ -121,13 +177,23 @@ def _write_errors(out: Path) -> Iterator[None]:
         raise write_error(out, f"writing failed: {exc.strerror or exc}{where}", exc.errno) from None
 
 
+def _temp_stem(out: Path) -> str:
+    """`.<name>.tmp-`: a name near the system's 255-byte limit is shortened (its start and a
+    hash), so that the temporary's name fits wherever OUT's does."""
+    name = out.name
+    if len(os.fsencode(name)) > 200:
+        digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:12]
+        name = os.fsencode(name)[:160].decode("utf-8", "ignore") + "~" + digest
+    return f".{name}.tmp-"
+
+
 def _temp_prefix(out: Path) -> str:
-    return f".{out.name}.tmp-{os.getpid()}-"
+    return f"{_temp_stem(out)}{os.getpid()}-"
 
 
 def remove_stale_temps(out: Path) -> None:
     """Remove temporary siblings of `out` left by runs that were killed (their process is gone)."""
-    prefix = f".{out.name}.tmp-"
+    prefix = _temp_stem(out)
     try:
         siblings = list(out.parent.iterdir())
     except OSError:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ..errors import FormatError, UnsupportedError
 from .json_text import parse_json
 from .safetensors_header import Header, TensorInfo
-from .tensors import SafetensorsStore
+from .tensors import SafetensorsStore, raw_values
 
 BNB_STATE = ".quant_state.bitsandbytes__"
 BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -69,7 +69,7 @@ def find_quantized(headers: dict[str, Header], weight_map: dict[str, str], confi
             weight = _bnb_weight(name, info, headers, weight_map, path_of)
             found[weight.name] = weight
         elif name.endswith(".weight" + FP8_SCALE):
-            weight = _fp8_weight(name[: -len(FP8_SCALE)], headers, weight_map, config)
+            weight = _fp8_weight(name[: -len(FP8_SCALE)], headers, weight_map, config, path_of)
             if weight is not None:
                 found[weight.name] = weight
     owned = {part for w in found.values() for part in w.parts.values()}
@@ -158,7 +158,7 @@ def _read_state(state_name: str, header: Header, path: str | os.PathLike) -> dic
     return state
 
 
-def _fp8_weight(name: str, headers, weight_map, config: dict | None) -> QuantizedWeight | None:
+def _fp8_weight(name: str, headers, weight_map, config: dict | None, path_of) -> QuantizedWeight | None:
     scale_name = name + FP8_SCALE
     if name not in weight_map:
         raise FormatError(f"{scale_name}: a block scale without its weight {name}", code="quant-state")
@@ -177,4 +177,10 @@ def _fp8_weight(name: str, headers, weight_map, config: dict | None) -> Quantize
     if scale.dtype not in ("F32", "BF16") or scale.shape != want:
         raise FormatError(f"{scale_name} is {scale.dtype}{list(scale.shape)}; {list(weight.shape)} in "
                           f"{block[0]}x{block[1]} blocks needs F32{list(want)}", code="quant-state")
+    # The scales are part of every weight's value (one per block, small): a NaN/Inf one makes its
+    # block NaN/Inf, which merge would refuse as an overflow; said here, validate --base says it too.
+    shard = weight_map[scale_name]
+    if not raw_values(SafetensorsStore(path_of(shard), headers[shard]), scale_name)[0]:
+        raise FormatError(f"{scale_name}: a block scale is NaN or Inf, so {name} is not finite where it applies; "
+                          "the checkpoint is corrupt", code="quant-state")
     return QuantizedWeight(name, "fp8", weight.shape, "BF16", block, {"scale_inv": scale_name})

@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from ..errors import FormatError, LoraToolsError
-from .atomic import preallocate
+from .atomic import preallocate, write_all
 from .dtypes import DTYPES
 
 
@@ -159,7 +159,7 @@ class StreamingSafetensorsWriter:
                     if isinstance(data, _FileRange):
                         data.copy_to(self._fh)
                         continue
-                    _write_all(self._fh, data)
+                    write_all(self._fh.fileno(), data)
             except BaseException as exc:  # reported to the caller at its next call
                 self._error = exc
             finally:
@@ -186,10 +186,6 @@ class _FileRange:
             block = os.pread(self.fd, min(16 << 20, self.nbytes - done), self.offset + done)
             if not block:
                 raise FormatError("a base shard ended early while being copied (truncated meanwhile?); nothing was written", code="input-changed")
-            _write_all(out, memoryview(block))
+            write_all(out.fileno(), block)
             done += len(block)
 
-
-def _write_all(fh, view: memoryview) -> None:
-    while view.nbytes:  # a raw file may write less than asked
-        view = view[fh.write(view):]

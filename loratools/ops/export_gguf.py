@@ -14,7 +14,14 @@ llama.cpp scales every module by alpha / r, with r read from the tensor and alph
 A PEFT adapter may give each module its own scaling (rank_pattern, alpha_pattern, rsLoRA's
 alpha/√r): each module's B is multiplied by s_module / (alpha / r), so that llama.cpp's scale
 times B'·A equals PEFT's s·B·A; B is left as stored where that factor is exactly 1.
-Tensors are written as float32 (exact for bf16/fp16/fp32 adapters).
+Tensors are written as float32 (exact for bf16/fp16/fp32 adapters), only when finite
+(`non-finite`, as every writer), into a temporary sibling whose size is checked before it becomes
+OUT (formats/atomic.py).
+
+`--base-arch` is checked against the adapter's own evidence (`base_architecture_conflict`): a
+family the adapter records (its model class, or the base's config.json model_type) that llama.cpp
+names otherwise, or module names of another scheme (GPT-2's c_attn for qwen2), is refused. LLaMA,
+Mistral and Qwen2 name their modules alike, so names alone never refuse one of them for another.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from ..adapter import Adapter, LoraModule
-from ..arch import Layout, Role
-from ..arch.gguf import gguf_arch
-from ..errors import ShapeError, UnsupportedError, UsageError
-from ..formats.atomic import atomic_file, refuse_overlap
+from ..arch import ARCHITECTURES, Layout, Role
+from ..arch.detect import locate
+from ..arch.gguf import GGUF_ARCHS, gguf_arch
+from ..errors import ConfigError, ShapeError, UnsupportedError, UsageError
+from ..formats.atomic import atomic_file, check_size, refuse_overlap
+from ..formats.tensors import refuse_non_finite
 from ..report import Report
 from .gguf_form import gguf_blockers
 
@@ -62,6 +71,8 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None 
     if family is None:
         raise UsageError("cannot tell the adapter's architecture; give --base-arch")
     target = gguf_arch(family)
+    if base_arch is not None and (conflict := base_architecture_conflict(adapter, base_arch)):
+        raise ConfigError(conflict, code="base-architecture")
     _refuse_unservable(adapter)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[target.name.upper()], _block_count(adapter))
     alpha = float(adapter.config.lora_alpha)
@@ -84,6 +95,7 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None 
             a = a.T  # (num_embeddings, r): llama.cpp gathers a row per token
         tensors += [(f"{name}.weight.lora_a", np.ascontiguousarray(a)), (f"{name}.weight.lora_b", np.ascontiguousarray(b))]
     report.tensors = len(tensors)
+    refuse_non_finite(tensors, out)  # B' may overflow float32 even where B did not
     refuse_overlap(Path(out), adapter.input_paths())
     with atomic_file(out, force=force) as tmp:
         writer = gguf.GGUFWriter(str(tmp), target.name)
@@ -95,8 +107,38 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+        written = sum(fh.tell() for fh in writer.fout)
         writer.close()
+        check_size(tmp, written)
     return report
+
+
+def base_architecture_conflict(adapter: Adapter, base_arch: str) -> str | None:
+    """Why `--base-arch base_arch` contradicts the adapter's own evidence, or None. Evidence is a
+    family the adapter records (family_known: its model class, or the base's model_type) or
+    the naming scheme of its modules; llama.cpp's name decides (mistral is exported as llama)."""
+    det = adapter.detection
+    wanted = GGUF_ARCHS[base_arch].name
+    if det.architecture is not None and det.family_known:
+        own = GGUF_ARCHS.get(det.architecture)
+        if own is None or own.name != wanted:
+            return (f"--base-arch {base_arch}: the adapter is {det.architecture} ({_evidence(adapter)}), "
+                    f"which llama.cpp does not load as {wanted}; give the base the adapter was trained on")
+        return None
+    prefixes = {h.prefix for h in ARCHITECTURES[base_arch].heads}
+    if not adapter.modules or any(locate(base_arch, prefix, path) for path in adapter.modules for prefix in prefixes):
+        return None  # names several families share (LLaMA, Mistral, Qwen2...): no contradiction
+    seen = f"its module names are {det.architecture}'s" if det.architecture else det.reason.split(";")[0].split(",")[0]
+    return (f"--base-arch {base_arch}: no module of the adapter has a {base_arch} name (e.g. {next(iter(adapter.modules))}); "
+            f"{seen}")
+
+
+def _evidence(adapter: Adapter) -> str:
+    if adapter.model_type:
+        return f"the base's config.json model_type {adapter.model_type!r}"
+    if adapter.config.base_model_class:
+        return f"its recorded model class {adapter.config.base_model_class}"
+    return "its module names"
 
 
 def _refuse_unservable(adapter: Adapter) -> None:
@@ -114,7 +156,8 @@ def _fold_scaling(module: LoraModule, b: np.ndarray, alpha: float, report: Expor
     if factor == 1.0:
         return b
     report.rescaled.append(module.path)
-    return b * np.float32(factor)
+    with np.errstate(over="ignore"):  # an overflow is refused by name before writing (refuse_non_finite)
+        return b * np.float32(factor)
 
 
 def _heads(role: Role, config: dict | None, path: str) -> int:

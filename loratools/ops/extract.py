@@ -149,11 +149,17 @@ def extract_adapter(
         if same:
             report.unchanged += 1
             continue
-        if info.dtype not in FLOAT_DTYPES:
-            report.not_extracted[name] = f"changed {info.dtype} tensor (not a float weight)"
-            continue
         module_path, _, leaf = name.rpartition(".")
         ref = locate(arch, prefix, module_path)
+        non_float = next((f"{side} {d}" for side, d in (("BASE", info.dtype), ("FINETUNED", finetuned.info(name).dtype))
+                          if d not in FLOAT_DTYPES), None)
+        if non_float and leaf == "weight" and ref is not None:
+            raise UnsupportedError(f"{name}: a {non_float} weight of module {module_path}; extract computes FINETUNED − BASE "
+                                   "of float weights only (an integer or quantized checkpoint?): give both models in "
+                                   "float16, bfloat16 or float32", code="non-float-weight")
+        if non_float:
+            report.not_extracted[name] = f"changed {non_float.split()[-1]} tensor (not a float weight)"
+            continue
         if leaf == "bias":
             report.not_extracted[name] = "changed bias"  # saved below if its module is extracted
             continue
@@ -198,6 +204,9 @@ def extract_adapter(
         report.modules.append(
             ExtractedModule(module_path, ref.role.value, shape, k, kept, error / math.sqrt(total) if total > 0 else 0.0, method)
         )
+    if not report.modules and not report.saved and not report.not_extracted:
+        raise ShapeError(f"{finetuned.path}: every tensor equals BASE's; there is no difference to extract "
+                         "(was FINETUNED given twice, or saved before training?); nothing was written", code="no-difference")
     biases = _module_biases(report, ranks, stores, finetuned, dtype, tensors)
     raw = _config(base_name or str(base.path), ranks, to_save, conv1d, tied, biases, head)
     adapter = Adapter.from_tensors(with_module_ranks(raw, ranks, use_rslora=False), tensors, source="extract")

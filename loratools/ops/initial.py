@@ -45,6 +45,7 @@ from ..arch import Layout, Role
 from ..config import BASE_MODIFYING_INITS, CONVERTIBLE_INITS, with_module_ranks
 from ..errors import ConfigError, FormatError, ShapeError, UnsupportedError
 from ..formats.checkpoint import Checkpoint
+from .lowrank import require_finite
 
 # torch is imported inside the functions: merge/plan.py (torch-free, shared with validate) imports this module.
 
@@ -101,6 +102,8 @@ def relative_to_initial(adapter: Adapter, initial: Adapter) -> Adapter:
             raise UnsupportedError(f"module {path}: DoRA, lora_bias or KaSA with a {init} init: PEFT's conversion "
                                    "does not cover it either")
         (a, b), (a0, b0) = adapter.factors(path), initial.factors(path)
+        require_finite(f"module {path}", a, b)  # before the checks' QR/SVD fail on them (LinAlgError)
+        require_finite(f"module {path}", a0, b0, where="the --initial adapter's factors")
         if a0.shape != a.shape or b0.shape != b.shape:
             raise ShapeError(f"module {path}: initial factors {list(a0.shape)}/{list(b0.shape)} differ from the "
                              f"adapter's {list(a.shape)}/{list(b.shape)}: not its initial adapter", code="initial-mismatch")
@@ -146,6 +149,7 @@ def check_on_base(base: Checkpoint, adapter: Adapter) -> bool:
         w = torch.from_numpy(w if w.flags.writeable else w.copy())  # one copy of the weight at most
         if tuple(w.shape) != module.weight_shape:
             raise ShapeError(f"module {path}: base {name} is {list(w.shape)}, the adapter needs {list(module.weight_shape)}")
+        require_finite(f"module {path}", w, where=f"base {name}")
         tol = _tolerance(module, initial) + BASE_ROUNDING + (CORDA_INVERSE if kind == "corda" else 0.0)
         problem = _base_mismatch(kind, module, a0, b0, w.T if module.layout is Layout.CONV1D else w, tol)
         if problem:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ...errors import UsageError
-from ...formats.atomic import atomic_dir, atomic_file, refuse_overlap
+from ...formats.atomic import atomic_dir, atomic_file, copy_regular, refuse_overlap
 from ...formats.checkpoint import INDEX_NAME
 from ...formats.dtypes import DTYPES
 from ...formats.safetensors_writer import tensor_nbytes
@@ -97,7 +96,7 @@ def merge_checkpoint(
                 os.chmod(tmp / INDEX_NAME, _mode(base.path / INDEX_NAME))
             for rel in base.other_files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(base.path / rel, tmp / rel)  # follows Hub cache symlinks
+                copy_regular(base.path / rel, tmp / rel)  # follows Hub cache symlinks; a FIFO or device: not-a-file
                 os.chmod(tmp / rel, _mode(base.path / rel))
             if (plan.out_dtype or plan.keep_quantized or plan.untied or plan.vocab_resized) and (tmp / "config.json").is_file():
                 _record_config(tmp / "config.json", plan)
