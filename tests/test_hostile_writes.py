@@ -32,7 +32,7 @@ def _merge_in_this_process():
     """Merge's shards in this process, not forked workers: a fault injected into os.write would
     otherwise also break the pipe a worker reports through (tests/test_outputs.py and
     test_merge_paths.py cover the workers)."""
-    from loratools.ops import shard_workers
+    from loratools.ops.merge import workers as shard_workers
 
     with pytest.MonkeyPatch.context() as patch:  # not the test's own monkeypatch, which tests undo
         patch.setattr(shard_workers, "can_fork", lambda: False)
