@@ -400,7 +400,7 @@ def test_a_base_file_swapped_for_a_special_file_before_it_is_copied(tmp_path, mo
     """tokenizer.json is a regular file when BASE is opened, a FIFO or /dev/zero when merge copies
     it into OUT: not-a-file, nothing written (before, shutil's copy blocked, ran for ever or failed
     with SpecialFileError)."""
-    from loratools.ops import merge
+    from loratools.ops.merge import run as merge
 
     base = tmp_path / "base"
     shutil.copytree(BASES / "llama", base)
