@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -69,14 +70,16 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import safetensors.torch
+    import errno
 
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
+    adapter = loratools.load_adapter(ADAPTERS / "llama-basic")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    def boom(*args, **kwargs):  # every byte of an adapter is written by os.write (formats/atomic.py)
+        raise OSError(errno.ENOSPC, "disk full")
+
+    monkeypatch.setattr(os, "write", boom)
     with pytest.raises(OSError):
-        loratools.save_adapter(loratools.load_adapter(ADAPTERS / "llama-basic"), tmp_path / "out")
+        loratools.save_adapter(adapter, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
