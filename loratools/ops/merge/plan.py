@@ -6,7 +6,7 @@ can be made before writing (headers, and the adapter's own values, which are sma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from ...adapter import Adapter, LoraModule, TrainableTokens
 from ...arch import Layout, Role
@@ -60,9 +60,7 @@ class OutputTensor:
     feeds: tuple[str, ...] = ()  # the adapter tensors that change it, in the order they are applied
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "source": self.source,
-                "action": self.action, "kernel": self.kernel, "held": self.held, "quantized": self.quantized,
-                "feeds": list(self.feeds)}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
 
 @dataclass
