@@ -47,7 +47,7 @@ class Detection:
 
 
 def _template_regex(template: ModuleTemplate, prefix: str) -> re.Pattern[str]:
-    body = re.escape(template.path).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+    body = re.escape(template.path).replace(re.escape("{layer}"), r"(?P<layer>\d+)").replace(re.escape("{expert}"), r"\d+")
     return re.compile("^" + ("" if template.in_head else re.escape(prefix)) + body + "$")
 
 

@@ -15,6 +15,18 @@ class Role(str, Enum):
     FFN_GATE = "ffn_gate"
     FFN_DOWN = "ffn_down"
     FFN_GATE_UP = "ffn_gate_up"  # a fused gate+up projection (Phi-3's gate_up_proj)
+    # Multi-head latent attention (DeepSeek-V2/V3): q and kv each go through a low-rank pair.
+    ATTN_Q_A = "attn_q_a"  # q_a_proj: hidden -> q_lora_rank
+    ATTN_Q_B = "attn_q_b"  # q_b_proj: q_lora_rank -> heads * q_head_dim
+    ATTN_KV_A = "attn_kv_a"  # kv_a_proj_with_mqa: hidden -> kv_lora_rank + the shared rope key
+    ATTN_KV_B = "attn_kv_b"  # kv_b_proj: kv_lora_rank -> heads * (k_nope + v)
+    # Mixture of experts: one expert's projections (per-expert modules, or one expert's slice of a
+    # fused 3-D parameter), and the router that scores the experts.
+    EXPERT_GATE = "expert_gate"
+    EXPERT_UP = "expert_up"
+    EXPERT_DOWN = "expert_down"
+    EXPERT_GATE_UP = "expert_gate_up"  # gate and up fused (transformers 5's experts.gate_up_proj)
+    ROUTER = "router"  # mlp.gate / block_sparse_moe.gate / mlp.router; also a shared expert's gate
     CROSS_ATTN = "cross_attn"  # encoder-decoder attention (T5's decoder)
     TOKEN_EMBED = "token_embed"
     # Known modules with no counterpart in the other families (never converted).

@@ -118,6 +118,84 @@ GEMMA3 = Architecture(  # Gemma3ForCausalLM's backbone class is Gemma3TextModel
     GEMMA3.modules, naming="llama", convertible=True,
 )
 
+GRANITE = _llama_named("granite", "Granite")
+OLMO2 = _llama_named("olmo2", "Olmo2")
+
+
+def _family(name: str, class_stem: str, modules: tuple[ModuleTemplate, ...]) -> Architecture:
+    """A causal-LM family at `model.` with its own module table. Its attention (and dense MLP) is
+    named and stored as LLaMA's, so it shares LLaMA's naming scheme: an adapter on those modules
+    alone cannot tell the families apart, and need not (they merge alike)."""
+    heads = (
+        Head("causal-lm", "model.", (f"{class_stem}ForCausalLM",), ("lm_head",)),
+        Head("sequence-classification", "model.", (f"{class_stem}ForSequenceClassification",), ("score",)),
+        Head("base", "", (f"{class_stem}Model",)),
+    )
+    return Architecture(name, (name,), heads, modules + _HEADS, naming="llama")
+
+
+def _t(role: Role, path: str) -> ModuleTemplate:
+    return ModuleTemplate(role, "layers.{layer}." + path, L)
+
+
+_HEADS = (ModuleTemplate(Role.TOKEN_EMBED, "embed_tokens", E), ModuleTemplate(Role.LM_HEAD, "lm_head", L, in_head=True),
+          ModuleTemplate(Role.CLASSIFIER, "score", L, in_head=True))
+_ATTN = tuple(_t(role, f"self_attn.{leaf}") for role, leaf in (
+    (Role.ATTN_Q, "q_proj"), (Role.ATTN_K, "k_proj"), (Role.ATTN_V, "v_proj"), (Role.ATTN_OUT, "o_proj")))
+
+
+def _mlp(block: str, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj", roles=(Role.FFN_GATE, Role.FFN_UP, Role.FFN_DOWN)):
+    return tuple(_t(role, f"{block}.{leaf}") for role, leaf in zip(roles, (gate, up, down)))
+
+
+_EXPERT = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN)
+# Experts stored one module per expert (transformers 4's module tree, and the checkpoints of
+# every version): "{expert}" is the expert's index. transformers 5 fuses them into 3-D parameters
+# (mlp.experts.gate_up_proj, down_proj), which LoRA reaches through target_parameters (arch/experts.py).
+_PER_EXPERT = _mlp("mlp.experts.{expert}", roles=_EXPERT)
+_MLA = tuple(_t(role, f"self_attn.{leaf}") for role, leaf in (
+    (Role.ATTN_Q_A, "q_a_proj"), (Role.ATTN_Q_B, "q_b_proj"), (Role.ATTN_Q, "q_proj"),  # q_proj when q_lora_rank is None
+    (Role.ATTN_KV_A, "kv_a_proj_with_mqa"), (Role.ATTN_KV_B, "kv_b_proj"), (Role.ATTN_OUT, "o_proj")))
+
+QWEN2_MOE = _family("qwen2_moe", "Qwen2Moe", _ATTN + _mlp("mlp") + _PER_EXPERT + _mlp("mlp.shared_expert") + (
+    _t(Role.ROUTER, "mlp.gate"), _t(Role.ROUTER, "mlp.shared_expert_gate")))
+QWEN3_MOE = _family("qwen3_moe", "Qwen3Moe", _ATTN + _mlp("mlp") + _PER_EXPERT + (_t(Role.ROUTER, "mlp.gate"),))
+MIXTRAL = _family("mixtral", "Mixtral", _ATTN + (
+    # transformers 5's module tree calls the sparse block `mlp`; checkpoints `block_sparse_moe` (arch/renames.py)
+    *_mlp("block_sparse_moe.experts.{expert}", "w1", "w3", "w2", _EXPERT), _t(Role.ROUTER, "block_sparse_moe.gate"),
+    *_mlp("mlp.experts.{expert}", "w1", "w3", "w2", _EXPERT), _t(Role.ROUTER, "mlp.gate")))
+GPT_OSS = _family("gpt_oss", "GptOss", _ATTN + (_t(Role.ROUTER, "mlp.router"),))  # experts: fused 3-D only
+_DEEPSEEK_MLP = _mlp("mlp") + _PER_EXPERT + _mlp("mlp.shared_experts") + (_t(Role.ROUTER, "mlp.gate"),)
+DEEPSEEK_V3 = _family("deepseek_v3", "DeepseekV3", _MLA + _DEEPSEEK_MLP)
+GLM4 = _family("glm4", "Glm4", _ATTN + (_t(Role.FFN_GATE_UP, "mlp.gate_up_proj"), _t(Role.FFN_DOWN, "mlp.down_proj")))
+GLM4_MOE = _family("glm4_moe", "Glm4Moe", _ATTN + _DEEPSEEK_MLP)
+LLAMA4_TEXT = _family("llama4_text", "Llama4", _ATTN + _mlp("feed_forward") + _mlp("feed_forward.shared_expert") + (
+    _t(Role.ROUTER, "feed_forward.router"),))  # routed experts: fused 3-D only
+
+
+def _multimodal(name: str, class_stem: str, text_roles: tuple[ModuleTemplate, ...] = LLAMA.modules) -> Architecture:
+    """A ConditionalGeneration model around a LLaMA-named text decoder. PEFT names its modules after
+    transformers' module tree (`model.language_model.`); adapters made on transformers before 4.52
+    after the older one (`language_model.model.`, head `language_model.lm_head`; Qwen2-VL: `model.`).
+    The vision tower has no roles. Checkpoints may use either layout (arch/renames.py)."""
+    cls = (f"{class_stem}ForConditionalGeneration",)
+    heads = (Head("image-text-to-text", "model.language_model.", cls, ("lm_head",)),
+             Head("image-text-to-text-v4", "language_model.model.", (), ("language_model.lm_head",)))
+    modules = tuple(m for m in text_roles if m.role is not Role.CLASSIFIER) + (
+        ModuleTemplate(Role.LM_HEAD, "language_model.lm_head", L, in_head=True),)
+    return Architecture(name, (name,), heads, modules, naming="llama")
+
+
+GEMMA3_MM = _multimodal("gemma3", "Gemma3")
+MISTRAL3 = _multimodal("mistral3", "Mistral3")
+LLAVA = _multimodal("llava", "Llava")
+QWEN2_5_VL = _multimodal("qwen2_5_vl", "Qwen2_5_VL")
+QWEN2_5_VL = Architecture(  # Qwen2-VL's older layout is the CausalLM's own: `model.layers...`, `lm_head`
+    QWEN2_5_VL.name, QWEN2_5_VL.model_types,
+    (QWEN2_5_VL.heads[0], Head("image-text-to-text-v4", "model.", (), ("lm_head",))),
+    LLAMA.modules, naming="llama",
+)
+
 PHI3 = Architecture(
     name="phi3",
     model_types=("phi3",),
@@ -331,7 +409,9 @@ NEMOTRON_H = Architecture(  # hybrid: each layer's `mixer` is Mamba-2, attention
 # family and every family of the scheme stores its weights the same way.
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
-    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, GPT_BIGCODE, STARCODER2, GPT_NEOX, FALCON, OPT, T5, BERT, NEMOTRON_H)
+    for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GRANITE, OLMO2, PHI3, GPT2, GPT_BIGCODE, STARCODER2, GPT_NEOX,
+              FALCON, OPT, T5, BERT, NEMOTRON_H, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT_OSS, DEEPSEEK_V3, GLM4, GLM4_MOE,
+              LLAMA4_TEXT, GEMMA3_MM, MISTRAL3, LLAVA, QWEN2_5_VL)
 }
 # The naming schemes `convert` reads and writes (--from / --to), each by its first family.
 CONVERT_SCHEMES = ("llama", "gpt2", "bert")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..adapter import Adapter
 from ..arch import ARCHITECTURES, Role, detect_from_config, locate
+from ..arch.renames import alternatives, is_multimodal, shares_text_decoder
 from ..errors import ConfigError, ShapeError
 from ..formats.checkpoint import Checkpoint
 from ..formats.safetensors_header import TensorInfo
@@ -22,6 +23,12 @@ def adapter_for_base(base: Checkpoint, adapter: Adapter) -> Adapter:
     if base_arch is None:
         return adapter
     det = adapter.detection
+    if det.known and (is_multimodal(base_arch) or is_multimodal(det.architecture)) and (
+            shares_text_decoder(det.architecture, base_arch, base.config)
+            or (not det.family_known and det.scheme == ARCHITECTURES[base_arch].scheme and det.architecture != base_arch)):
+        # A text decoder's adapter on its multimodal model, or the reverse: the same text tensors
+        # under other names (arch/renames.py); the adapter keeps its own reading.
+        return adapter
     if det.known and (det.family_known or det.scheme != ARCHITECTURES[base_arch].scheme) and det.architecture != base_arch:
         raise ConfigError(f"the adapter is for {det.architecture} but the base is {base_arch} (config.json)", code="base-architecture")
     matched = adapter.for_model_type(base_arch)
@@ -53,9 +60,11 @@ class BaseNameMapper:
         self.arch = ARCHITECTURES.get(arch) if arch else None
         self.adapter_prefix = adapter.detection.prefix if adapter.detection.known else None
         self.prefixes = sorted({h.prefix for a in archs for h in a.heads if h.prefix}, key=len, reverse=True)
+        # transformers' key renames of either model_type (a multimodal model's two layouts)
+        self.model_types = (adapter.architecture, base_architecture(base))
 
     def candidates(self, name: str) -> list[str]:
-        out = [name]
+        out = alternatives(self.model_types, name)
         for prefix in self.prefixes:
             out.append(name[len(prefix):] if name.startswith(prefix) else prefix + name)
         for module, saved in self.arch.checkpoint_names if self.arch is not None else ():

@@ -1,0 +1,130 @@
+"""The names transformers gives a tensor in memory and on disk, where they differ: the key renames
+of transformers' conversion_mapping.py that touch a language model's weights, as data (no torch).
+
+transformers 5 builds a multimodal ConditionalGeneration model as `model.language_model.…` (plus
+`model.vision_tower.…` and so on) and PEFT names adapters after that module tree; checkpoints
+written before transformers 4.52 — and what transformers 5.23's own save_pretrained writes back —
+keep the older layout (`language_model.model.…` for LLaVA-style models, `model.…` for Qwen2-VL).
+Checkpoints saved by transformers 4.52–4.57 use the module tree's names. Adapters come in both
+layouts too (PEFT on transformers 4.x named them after the older tree). A base tensor is therefore
+looked up under every name the table allows; only one of them is in a given checkpoint.
+
+Each rename is a prefix (anchored at the start of the name, on a dot boundary) or an infix
+(`.block_sparse_moe.` <-> `.mlp.`), in the checkpoint's spelling and the module tree's.
+tests/test_conversion_tables.py holds this table against transformers' own mapping for every
+model_type it lists with renames of text weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rename:
+    checkpoint: str  # the checkpoint's spelling
+    module: str  # the module tree's (transformers >= 4.52 in memory; PEFT's adapter names)
+    infix: bool = False  # False: a prefix of the whole name; True: a ".x." part anywhere in it
+
+    def apply(self, name: str, to_module: bool) -> str | None:
+        """`name` with this rename applied in one direction, or None when it does not match."""
+        old, new = (self.checkpoint, self.module) if to_module else (self.module, self.checkpoint)
+        if self.infix:
+            return name.replace(old, new, 1) if old in name else None
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+        return None
+
+
+# LLaVA and the models transformers maps to it: the text decoder was `language_model.model` and
+# its head `language_model.lm_head`; the towers sat at the root.
+_LLAVA = (
+    Rename("language_model.model", "model.language_model"),
+    Rename("language_model.lm_head", "lm_head"),
+    Rename("vision_tower", "model.vision_tower"),
+    Rename("multi_modal_projector", "model.multi_modal_projector"),
+)
+# Qwen2-VL, Qwen2.5-VL: the text decoder was `model` itself, beside `visual`.
+_QWEN2_VL = (
+    Rename("model", "model.language_model"),
+    Rename("visual", "model.visual"),
+)
+# Mixtral's sparse block was `block_sparse_moe` (its experts are converted too: arch/experts.py).
+_MIXTRAL = (Rename(".block_sparse_moe.", ".mlp.", infix=True),)
+
+RENAMES: dict[str, tuple[Rename, ...]] = {
+    **{t: _LLAVA for t in ("llava", "gemma3", "mistral3", "aya_vision", "paligemma", "internvl", "vipllava", "got_ocr2",
+                           "aria", "pp_chart2table", "llava_next", "llava_onevision", "llava_next_video", "video_llava",
+                           "fuyu", "mllama")},
+    **{t: _QWEN2_VL for t in ("qwen2_vl", "qwen2_5_vl")},
+    **{t: _MIXTRAL for t in ("mixtral", "minimax", "minimax_m2")},
+}
+
+# The text decoder inside a multimodal model, and the CausalLM that is that decoder alone:
+# (the CausalLM's prefix, the multimodal module tree's). The text weights are the same tensors,
+# so an adapter of one applies to the other's checkpoint.
+TEXT_DECODER = (Rename("model", "model.language_model"),)
+# The text-only model_types whose CausalLM is the text decoder of a multimodal model_type
+# (transformers' default text_config; a checkpoint's own text_config.model_type also counts).
+TEXT_MODEL_TYPES: dict[str, tuple[str, ...]] = {
+    "gemma3": ("gemma3_text",),
+    "mistral3": ("mistral", "ministral"),
+    "llava": ("llama",),
+    "qwen2_5_vl": ("qwen2_5_vl_text",),
+    "qwen2_vl": ("qwen2_vl_text",),
+}
+
+
+def module_name(model_type: str | None, name: str) -> str:
+    """`name` (a checkpoint's, or already the module tree's) in the module tree's spelling."""
+    renames = RENAMES.get(model_type or "", ())
+    if any(r.apply(name, to_module=False) is not None and not r.infix for r in renames):
+        return name  # already the module tree's (Qwen2-VL's `model.` is a prefix of `model.language_model.`)
+    for rename in renames:
+        renamed = rename.apply(name, to_module=True)
+        if renamed is not None:
+            return renamed
+    return name
+
+
+def checkpoint_name(model_type: str | None, name: str) -> str:
+    """`name` in the older checkpoint layout (what transformers 5.23's save_pretrained writes)."""
+    for rename in RENAMES.get(model_type or "", ()):
+        renamed = rename.apply(name, to_module=False)
+        if renamed is not None:
+            return renamed
+    return name
+
+
+def alternatives(model_types: tuple[str | None, ...], name: str) -> list[str]:
+    """Every name the tensor `name` (from an adapter: either layout, or a CausalLM's name for a
+    multimodal model's text decoder, or the reverse) may have in a checkpoint of one of these
+    model_types, `name` first."""
+    out = [name]
+    forms = [name]
+    for rename in TEXT_DECODER:  # a CausalLM adapter on a multimodal base, and the reverse
+        forms += [n for n in (rename.apply(name, True), rename.apply(name, False)) if n is not None]
+    for model_type in model_types:
+        if model_type not in RENAMES:
+            continue
+        for form in forms:
+            module = module_name(model_type, form)
+            out += [form, module, checkpoint_name(model_type, module)]
+    out += forms
+    return list(dict.fromkeys(out))
+
+
+def shares_text_decoder(adapter_family: str | None, base_model_type: str | None, base_config: dict | None = None) -> bool:
+    """Whether one of the two is a multimodal model and the other its text decoder alone (a
+    CausalLM adapter on a multimodal checkpoint, or the reverse): the same text tensors."""
+    if adapter_family is None or base_model_type is None:
+        return False
+    text_config = (base_config or {}).get("text_config")
+    text_types = set(TEXT_MODEL_TYPES.get(base_model_type, ()))
+    if isinstance(text_config, dict) and isinstance(text_config.get("model_type"), str):
+        text_types.add(text_config["model_type"])
+    return adapter_family in text_types or base_model_type in TEXT_MODEL_TYPES.get(adapter_family, ())
+
+
+def is_multimodal(model_type: str | None) -> bool:
+    return model_type in TEXT_MODEL_TYPES
