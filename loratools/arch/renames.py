@@ -52,12 +52,37 @@ _QWEN2_VL = (
 # Mixtral's sparse block was `block_sparse_moe` (its experts are converted too: arch/experts.py).
 _MIXTRAL = (Rename(".block_sparse_moe.", ".mlp.", infix=True),)
 
+# The text-only model of a multimodal family loads the multimodal checkpoint's text decoder.
+_TEXT_OF_MULTIMODAL = (Rename("model.language_model", "model"),)
+
 RENAMES: dict[str, tuple[Rename, ...]] = {
     **{t: _LLAVA for t in ("llava", "gemma3", "mistral3", "aya_vision", "paligemma", "internvl", "vipllava", "got_ocr2",
-                           "aria", "pp_chart2table", "llava_next", "llava_onevision", "llava_next_video", "video_llava",
-                           "fuyu", "mllama")},
-    **{t: _QWEN2_VL for t in ("qwen2_vl", "qwen2_5_vl")},
-    **{t: _MIXTRAL for t in ("mixtral", "minimax", "minimax_m2")},
+                           "aria", "llava_next", "llava_onevision", "llava_next_video", "video_llava", "fuyu", "mllama",
+                           "kimi_k25", "qianfan_ocr",
+                           # audio models around a text decoder, laid out the same way
+                           "qwen2_audio", "voxtral", "voxtral_realtime", "audioflamingo3", "glmasr", "musicflamingo",
+                           "granite_speech", "granite_speech_plus", "vibevoice_asr")},
+    "minimax_m3_vl": _LLAVA + (Rename(".block_sparse_moe.", ".mlp.", infix=True),),
+    **{t: _QWEN2_VL for t in ("qwen2_vl", "qwen2_5_vl", "hunyuan_vl", "paddleocr_vl", "step3p7", "dots3_note")},
+    **{t: _MIXTRAL for t in ("mixtral", "minimax", "minimax_m2", "kimi_linear")},
+    **{t: _TEXT_OF_MULTIMODAL for t in ("qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text", "gemma3n_text")},
+}
+
+# model_types whose transformers renames touch text weights but are not in RENAMES, and why
+# (tests/test_conversion_tables.py fails on any other).
+NOT_COVERED: dict[str, str] = {
+    "phimoe": "renames the router too (block_sparse_moe.gate -> mlp.router): not a prefix or infix rename",
+    "mistral_large4_text": "nests the router (block_sparse_moe.gate -> block_sparse_moe.mlp.gate)",
+    "pp_chart2table": "keeps the text decoder's own `model.` inside `model.language_model`",
+    "qwen2_5_omni_thinker": "checkpoints nest the thinker under `thinker.` beside a talker",
+    "qwen3_omni_moe_thinker": "checkpoints nest the thinker under `thinker.` beside a talker",
+    "ernie4_5_vl_moe": "fuses and splits text and vision experts",
+    "deepseek_ocr2": "its text decoder is nested inside `language_model` twice",
+    "unlimited_ocr": "its text decoder is nested inside `language_model` twice",
+    "t5gemma2_encoder": "an encoder-decoder, not a decoder-only text model",
+    "shieldgemma2": "a classifier around Gemma 3",
+    "timm_wrapper": "vision-only",
+    "pi0": "a robotics policy; drops the `model.` prefix",
 }
 
 # The text decoder inside a multimodal model, and the CausalLM that is that decoder alone:
@@ -75,25 +100,32 @@ TEXT_MODEL_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
-def module_name(model_type: str | None, name: str) -> str:
-    """`name` (a checkpoint's, or already the module tree's) in the module tree's spelling."""
+def _convert(model_type: str | None, name: str, to_module: bool) -> str:
     renames = RENAMES.get(model_type or "", ())
-    if any(r.apply(name, to_module=False) is not None and not r.infix for r in renames):
-        return name  # already the module tree's (Qwen2-VL's `model.` is a prefix of `model.language_model.`)
+    # The longest prefix that matches says which spelling `name` is in (Qwen2-VL's checkpoint
+    # `model.` is a prefix of its module tree's `model.language_model.`, and the reverse for the
+    # text-only models of multimodal families); it is converted only from the other spelling.
+    matches = [(len(r.checkpoint), True, r) for r in renames if not r.infix and r.apply(name, to_module=True) is not None]
+    matches += [(len(r.module), False, r) for r in renames if not r.infix and r.apply(name, to_module=False) is not None]
+    if matches:
+        _, stored, rename = max(matches, key=lambda m: m[0])
+        if stored == to_module:
+            name = rename.apply(name, to_module)
     for rename in renames:
-        renamed = rename.apply(name, to_module=True)
+        renamed = rename.apply(name, to_module) if rename.infix else None
         if renamed is not None:
             return renamed
     return name
+
+
+def module_name(model_type: str | None, name: str) -> str:
+    """`name` (a checkpoint's, or already the module tree's) in the module tree's spelling."""
+    return _convert(model_type, name, to_module=True)
 
 
 def checkpoint_name(model_type: str | None, name: str) -> str:
     """`name` in the older checkpoint layout (what transformers 5.23's save_pretrained writes)."""
-    for rename in RENAMES.get(model_type or "", ()):
-        renamed = rename.apply(name, to_module=False)
-        if renamed is not None:
-            return renamed
-    return name
+    return _convert(model_type, name, to_module=False)
 
 
 def alternatives(model_types: tuple[str | None, ...], name: str) -> list[str]:
