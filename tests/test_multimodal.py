@@ -147,16 +147,34 @@ def test_the_two_layouts_are_what_transformers_writes(tmp_path):
     assert "model.language_model.layers.0.self_attn.q_proj" in names
 
 
-def test_vision_tower_modules_merge_too(tmp_path):
-    """Plain target names also hit the vision tower (q_proj, v_proj of SigLIP): found through
-    the tower's rename (`vision_tower` -> `model.vision_tower`)."""
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_all_linear_reaches_the_towers_and_merges(tmp_path, model_type):
+    """all-linear also targets the vision tower and the projector (SigLIP, CLIP, Pixtral,
+    Qwen2.5-VL's `visual`): found through the towers' renames (`vision_tower` -> `model.vision_tower`...)."""
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
+    save_base(model_type, base)
+    make_adapter(model_type, base, adapter, targets="all-linear")
+    keys = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(".vision_tower." in k or ".visual." in k for k in keys)
+    logits, reference = peft_reference(base, adapter, tmp_path / "ref")
+    result = run_cli("merge", base, adapter, out)
+    assert result.returncode == 0, result.stderr
+    check_out(out, reference, logits)
+
+
+def test_dora_rslora_on_gemma3(tmp_path):
+    """The shape of a public Unsloth Gemma 3 adapter: DoRA + rsLoRA on the language model."""
+    from peft import LoraConfig, get_peft_model
+
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
     save_base("gemma3", base)
-    make_adapter("gemma3", base, adapter, targets=["q_proj", "v_proj", "down_proj"])
-    keys = load_file(str(adapter / "adapter_model.safetensors"))
-    assert any(".vision_tower." in k for k in keys)
+    peft = get_peft_model(tf.AutoModelForImageTextToText.from_pretrained(str(base)),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=TEXT_TARGETS, use_dora=True, use_rslora=True))
+    randomise_b(peft, 5)
+    peft.save_pretrained(str(adapter))
     logits, reference = peft_reference(base, adapter, tmp_path / "ref")
-    assert run_cli("merge", base, adapter, out).returncode == 0
+    result = run_cli("merge", base, adapter, out)
+    assert result.returncode == 0, result.stderr
     check_out(out, reference, logits)
 
 
