@@ -23,16 +23,18 @@ def adapter_for_base(base: Checkpoint, adapter: Adapter) -> Adapter:
     if base_arch is None:
         return adapter
     det = adapter.detection
-    if det.known and (is_multimodal(base_arch) or is_multimodal(det.architecture)) and (
-            shares_text_decoder(det.architecture, base_arch, base.config)
-            or (not det.family_known and det.scheme == ARCHITECTURES[base_arch].scheme and det.architecture != base_arch)):
-        # A text decoder's adapter on its multimodal model, or the reverse: the same text tensors
-        # under other names (arch/renames.py); the adapter keeps its own reading.
-        return adapter
-    if det.known and (det.family_known or det.scheme != ARCHITECTURES[base_arch].scheme) and det.architecture != base_arch:
+    text_decoder = det.known and (is_multimodal(base_arch) or is_multimodal(det.architecture)) and (
+        shares_text_decoder(det.architecture, base_arch, base.config)
+        or (not det.family_known and det.scheme == ARCHITECTURES[base_arch].scheme))
+    if det.known and (det.family_known or det.scheme != ARCHITECTURES[base_arch].scheme) and det.architecture != base_arch \
+            and not text_decoder:
         raise ConfigError(f"the adapter is for {det.architecture} but the base is {base_arch} (config.json)", code="base-architecture")
     matched = adapter.for_model_type(base_arch)
     if matched.detection.known and matched.architecture != base_arch:
+        if text_decoder:
+            # A text decoder's adapter on its multimodal model, or the reverse: the same text
+            # tensors under other names (arch/renames.py); the adapter keeps its own reading.
+            return adapter
         raise ConfigError(f"the adapter's module names are {matched.architecture}'s, but the base is {base_arch} (config.json)",
                           code="base-architecture")
     return matched
