@@ -178,19 +178,26 @@ def test_dora_rslora_on_gemma3(tmp_path):
     check_out(out, reference, logits)
 
 
-def test_adapter_in_the_older_layout_merges_the_same(tmp_path):
-    """An adapter made by PEFT on transformers 4.x names `language_model.model.layers…`: the
-    same modules, so the same OUT, byte for byte."""
+# What PEFT on transformers < 4.52 named the text decoder (the module tree then).
+OLDER_ADAPTER_PREFIX = {"llava": "base_model.model.language_model.model.", "gemma3": "base_model.model.language_model.model.",
+                        "qwen2_5_vl": "base_model.model.model."}
+
+
+@pytest.mark.parametrize("layout", ["saved", "module-tree"])
+@pytest.mark.parametrize("model_type", sorted(OLDER_ADAPTER_PREFIX))
+def test_adapter_in_the_older_layout_merges_the_same(tmp_path, model_type, layout):
+    """An adapter made by PEFT on transformers 4.x names `language_model.model.layers…` (Qwen2-VL:
+    `model.layers…`): the same modules, so the same OUT, byte for byte, on a base of either layout."""
     base, adapter, legacy = tmp_path / "base", tmp_path / "adapter", tmp_path / "legacy"
-    save_base("llava", base)
-    make_adapter("llava", base, adapter)
+    save_base(model_type, base, layout)
+    make_adapter(model_type, base, adapter)
     legacy.mkdir()
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    save_file({k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+    save_file({k.replace("base_model.model.model.language_model.", OLDER_ADAPTER_PREFIX[model_type]): v
                for k, v in tensors.items()}, str(legacy / "adapter_model.safetensors"))
     (legacy / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
-    info = run_cli("info", legacy, "--json")
-    assert json.loads(info.stdout)["architecture"] == "llava", info.stdout
+    info = json.loads(run_cli("info", legacy, "--json").stdout)
+    assert (info["architecture"], info["roles"].get("unknown")) == (model_type, None), info["roles"]
     assert run_cli("merge", base, adapter, tmp_path / "a").returncode == 0
     result = run_cli("merge", base, legacy, tmp_path / "b")
     assert result.returncode == 0, result.stderr
