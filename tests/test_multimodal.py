@@ -280,3 +280,31 @@ def test_vision_modules_on_a_text_only_base_are_refused(tmp_path):
     make_adapter("gemma3", vlm_dir, adapter, targets=["q_proj"])
     result = run_cli("merge", text_dir, adapter, tmp_path / "out")
     assert result.returncode != 0 and "vision_tower" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["saved", "module-tree"])
+def test_lora_on_a_tied_lm_head_unties_it_as_the_peft_model_does(tmp_path, layout):
+    """Gemma 3 ties lm_head to the text decoder's embedding (stored once). A LoRA on lm_head alone
+    changes the head in the PEFT model, not the embedding: OUT gets its own lm_head and a
+    config.json that unties them (PEFT's merge_and_unload adds ΔW to the shared tensor instead,
+    which changes the embedding too: not what the PEFT model computes)."""
+    from peft import PeftModel
+
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
+    save_base("gemma3", base, layout)
+    make_adapter("gemma3", base, adapter, targets=["q_proj", "lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(tf.AutoModelForImageTextToText.from_pretrained(str(base)), str(adapter)).eval()
+    with torch.no_grad():
+        logits = model(**inputs()).logits
+    result = run_cli("merge", base, adapter, out)
+    assert result.returncode == 0, result.stderr
+    ours, stored = merged_tensors(out), load_file(str(base / "model.safetensors"))
+    embed = next(k for k in stored if k.endswith("embed_tokens.weight") and "vision" not in k)
+    assert torch.equal(ours[embed], stored[embed]) and "lm_head.weight" in ours
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
+    loaded = tf.AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs()).logits, logits, rtol=1e-4, atol=1e-5)

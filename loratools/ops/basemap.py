@@ -10,6 +10,9 @@ from ..formats.checkpoint import Checkpoint
 from ..formats.safetensors_header import TensorInfo
 
 
+GENERATING_HEADS = ("causal-lm", "image-text-to-text")  # Head.name of the heads whose lm_head PEFT unties
+
+
 def base_architecture(base: Checkpoint) -> str | None:
     """The base's family from its config.json, or None (no config, or an unknown model_type)."""
     return detect_from_config(base.config).architecture if base.config else None
@@ -112,15 +115,16 @@ class BaseNameMapper:
         return (embed, head) if embed is not None else (None, None)
 
     def causal_lm(self) -> bool | None:
-        """Whether the base is a causal LM, from config.json (the head class it records, else
-        its family's); None without a config.json."""
+        """Whether the base generates text through its lm_head (a causal LM, or a multimodal
+        model's text decoder), from config.json (the head class it records, else its family's);
+        None without a config.json."""
         if not self.base.config:
             return None
         detection = detect_from_config(self.base.config)
         arch = ARCHITECTURES.get(detection.architecture) if detection.architecture else self.arch
         if detection.head is not None:
-            return detection.head == "causal-lm"
-        return arch is not None and any(h.name == "causal-lm" for h in arch.heads)
+            return detection.head in GENERATING_HEADS
+        return arch is not None and any(h.name in GENERATING_HEADS for h in arch.heads)
 
     def _embedding(self) -> str | None:
         embed = self.arch.template(Role.TOKEN_EMBED)
