@@ -6,7 +6,6 @@ merge_and_unload saved by transformers, loaded with the PEFT model's logits. Exp
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import transformers as tf
 
 from tests.conftest import run_cli
 from tests.merged import assert_matches_peft, merged_tensors
+from tests.peft_merged import peft_reference, randomise_b
 
 S = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
@@ -67,11 +67,7 @@ def make_adapter(base, out, targets, seed: int = 1) -> None:
         targets = [n for n, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and n != "lm_head" and not (moe_named and ".mlp." in n)]
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    randomise_b(peft, seed)
     peft.save_pretrained(str(out))
 
 
@@ -95,20 +91,13 @@ MERGED = ["qwen2_moe", "mixtral", "gpt_oss", "glm4", "glm4_moe", "olmo2", "grani
 
 @pytest.mark.parametrize("family", MERGED)
 def test_merge_equals_peft(tmp_path, family):
-    from peft import PeftModel
-
-    base, adapter, out, ref = tmp_path / "base", tmp_path / "adapter", tmp_path / "out", tmp_path / "ref"
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
     save_base(family, base)
     make_adapter(base, adapter, "linear")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
-    with torch.no_grad():
-        logits = model(**inputs()).logits
-    model.merge_and_unload().save_pretrained(str(ref))
+    logits, reference = peft_reference(tf.AutoModelForCausalLM, base, adapter, tmp_path / "ref", inputs())
     result = run_cli("merge", base, adapter, out)
     assert result.returncode == 0, result.stderr
-    ours, reference = merged_tensors(out), merged_tensors(ref)
+    ours = merged_tensors(out)
     assert sorted(ours) == sorted(reference)
     assert_matches_peft(ours, reference)
     loaded = tf.AutoModelForCausalLM.from_pretrained(str(out)).eval()

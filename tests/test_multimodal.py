@@ -16,7 +16,9 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import run_cli
+from tests import peft_merged
 from tests.merged import assert_matches_peft, merged_tensors
+from tests.peft_merged import randomise_b
 
 VOCAB = 300
 TEXT = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -75,14 +77,6 @@ def save_base(model_type: str, path, layout: str = "saved") -> None:
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def randomise_b(model, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-
-
 def make_adapter(model_type: str, base_dir, out, targets=TEXT_TARGETS, seed: int = 1) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -98,16 +92,7 @@ def inputs() -> dict[str, torch.Tensor]:
 
 
 def peft_reference(base_dir, adapter_dir, out_dir):
-    """(the PEFT model's logits, PEFT's merge_and_unload saved by transformers, as tensors)."""
-    from peft import PeftModel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(tf.AutoModelForImageTextToText.from_pretrained(str(base_dir)), str(adapter_dir)).eval()
-    with torch.no_grad():
-        logits = model(**inputs()).logits
-    model.merge_and_unload().save_pretrained(str(out_dir))
-    return logits, merged_tensors(out_dir)
+    return peft_merged.peft_reference(tf.AutoModelForImageTextToText, base_dir, adapter_dir, out_dir, inputs())
 
 
 def check_out(out, reference: dict, logits: torch.Tensor) -> None:
@@ -288,16 +273,10 @@ def test_lora_on_a_tied_lm_head_unties_it_as_the_peft_model_does(tmp_path, layou
     changes the head in the PEFT model, not the embedding: OUT gets its own lm_head and a
     config.json that unties them (PEFT's merge_and_unload adds ΔW to the shared tensor instead,
     which changes the embedding too: not what the PEFT model computes)."""
-    from peft import PeftModel
-
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
     save_base("gemma3", base, layout)
     make_adapter("gemma3", base, adapter, targets=["q_proj", "lm_head"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(tf.AutoModelForImageTextToText.from_pretrained(str(base)), str(adapter)).eval()
-    with torch.no_grad():
-        logits = model(**inputs()).logits
+    logits, _ = peft_reference(base, adapter, tmp_path / "ref")
     result = run_cli("merge", base, adapter, out)
     assert result.returncode == 0, result.stderr
     ours, stored = merged_tensors(out), load_file(str(base / "model.safetensors"))
