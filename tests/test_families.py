@@ -23,7 +23,7 @@ CONFIGS = {
     "mixtral": dict(S, num_local_experts=4, num_experts_per_tok=2),
     "gpt_oss": dict(S, num_local_experts=4, num_experts_per_tok=2, head_dim=4, layer_types=["sliding_attention", "full_attention"]),
     "deepseek_v3": dict(S, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=1,
-                        first_k_dense_replace=1, q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                        first_k_dense_replace=1, q_lora_rank=8, num_key_value_heads=4, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
                         v_head_dim=4, n_group=1, topk_group=1),
     "glm4": dict(S, head_dim=4, pad_token_id=0),
     "glm4_moe": dict(S, pad_token_id=0, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=1,
@@ -56,16 +56,18 @@ def save_base(family: str, path) -> None:
 
 def make_adapter(base, out, targets, seed: int = 1) -> None:
     """targets "linear": every nn.Linear but lm_head, by full name (PEFT's "all-linear" would also
-    reach fused experts through target_parameters)."""
+    reach fused experts through target_parameters); "linear-but-router": without Llama 4's router
+    (a Linear whose forward returns a tuple: PEFT's LoRA layer cannot wrap it)."""
     from peft import LoraConfig, get_peft_model
 
     model = tf.AutoModelForCausalLM.from_pretrained(str(base))
-    if targets == "linear":
+    if targets in ("linear", "linear-but-router"):
         # (DeepSeek-V3 and GLM-4-MoE without their MLPs: PEFT 0.21 turns a target named like an
         # expert's projection into target_parameters on the fused experts)
         moe_named = model.config.model_type in ("deepseek_v3", "glm4_moe")
         targets = [n for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n != "lm_head" and not (moe_named and ".mlp." in n)]
+                   if isinstance(m, torch.nn.Linear) and n != "lm_head" and not (moe_named and ".mlp." in n)
+                   and not (targets == "linear-but-router" and n.endswith("router"))]
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     randomise_b(peft, seed)
     peft.save_pretrained(str(out))
@@ -86,14 +88,14 @@ def test_info_reports_family_and_roles(tmp_path, family):
     assert set(info["roles"]) == ALL_LINEAR_ROLES[family], info["roles"]
 
 
-MERGED = ["qwen2_moe", "mixtral", "gpt_oss", "glm4", "glm4_moe", "olmo2", "granite"]
+MERGED = ["qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3", "glm4", "glm4_moe", "olmo2", "granite", "llama4_text"]
 
 
 @pytest.mark.parametrize("family", MERGED)
 def test_merge_equals_peft(tmp_path, family):
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
     save_base(family, base)
-    make_adapter(base, adapter, "linear")
+    make_adapter(base, adapter, "linear-but-router" if family == "llama4_text" else "linear")
     logits, reference = peft_reference(tf.AutoModelForCausalLM, base, adapter, tmp_path / "ref", inputs())
     result = run_cli("merge", base, adapter, out)
     assert result.returncode == 0, result.stderr
