@@ -52,10 +52,17 @@ def tiny_config(model_type: str):
             vision_config=dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=16, patch_size=4,
                                spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0]),
             image_token_id=299, video_token_id=298, vision_start_token_id=297)
+    if model_type == "qwen2_vl":
+        return tf.AutoConfig.for_model(
+            "qwen2_vl", text_config=dict(TEXT, rope_scaling=dict(type="mrope", mrope_section=[1, 1, 0]),
+                                         bos_token_id=0, eos_token_id=1),
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=16, mlp_ratio=2, num_heads=2, patch_size=4,
+                               spatial_merge_size=1, temporal_patch_size=1),
+            image_token_id=299, video_token_id=298, vision_start_token_id=297)
     raise ValueError(model_type)
 
 
-FAMILIES = ("gemma3", "llava", "mistral3", "qwen2_5_vl")
+FAMILIES = ("gemma3", "llava", "mistral3", "qwen2_vl", "qwen2_5_vl")
 # The language model's attention and MLP (the vision tower's q_proj... excluded by the pattern).
 TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 

@@ -189,12 +189,17 @@ def _multimodal(name: str, class_stem: str, text_roles: tuple[ModuleTemplate, ..
 GEMMA3_MM = _multimodal("gemma3", "Gemma3")
 MISTRAL3 = _multimodal("mistral3", "Mistral3")
 LLAVA = _multimodal("llava", "Llava")
-QWEN2_5_VL = _multimodal("qwen2_5_vl", "Qwen2_5_VL")
-QWEN2_5_VL = Architecture(  # Qwen2-VL's older layout is the CausalLM's own: `model.layers...`, `lm_head`
-    QWEN2_5_VL.name, QWEN2_5_VL.model_types,
-    (QWEN2_5_VL.heads[0], Head("image-text-to-text-v4", "model.", (), ("lm_head",))),
-    LLAMA.modules, naming="llama",
-)
+
+
+def _qwen_vl(name: str, class_stem: str) -> Architecture:
+    """Qwen2-VL's older layout is the CausalLM's own: `model.layers...`, `lm_head`."""
+    arch = _multimodal(name, class_stem)
+    return Architecture(arch.name, arch.model_types, (arch.heads[0], Head("image-text-to-text-v4", "model.", (), ("lm_head",))),
+                        LLAMA.modules, naming="llama")
+
+
+QWEN2_VL = _qwen_vl("qwen2_vl", "Qwen2VL")
+QWEN2_5_VL = _qwen_vl("qwen2_5_vl", "Qwen2_5_VL")
 
 PHI3 = Architecture(
     name="phi3",
@@ -411,7 +416,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, GRANITE, OLMO2, PHI3, GPT2, GPT_BIGCODE, STARCODER2, GPT_NEOX,
               FALCON, OPT, T5, BERT, NEMOTRON_H, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT_OSS, DEEPSEEK_V3, GLM4, GLM4_MOE,
-              LLAMA4_TEXT, GEMMA3_MM, MISTRAL3, LLAVA, QWEN2_5_VL)
+              LLAMA4_TEXT, GEMMA3_MM, MISTRAL3, LLAVA, QWEN2_VL, QWEN2_5_VL)
 }
 # The naming schemes `convert` reads and writes (--from / --to), each by its first family.
 CONVERT_SCHEMES = ("llama", "gpt2", "bert")

@@ -65,8 +65,10 @@ class BaseNameMapper:
         self.arch = ARCHITECTURES.get(arch) if arch else None
         self.adapter_prefix = adapter.detection.prefix if adapter.detection.known else None
         self.prefixes = sorted({h.prefix for a in archs for h in a.heads if h.prefix}, key=len, reverse=True)
-        # transformers' key renames of either model_type (a multimodal model's two layouts)
-        self.model_types = (adapter.architecture, base_architecture(base))
+        # transformers' key renames (a multimodal model's two layouts) of the adapter's family and
+        # of the base's model_type (also one loratools has no module table for)
+        model_type = (base.config or {}).get("model_type")
+        self.model_types = (adapter.architecture, base_architecture(base), model_type if isinstance(model_type, str) else None)
 
     def candidates(self, name: str) -> list[str]:
         out = alternatives(self.model_types, name)
