@@ -21,7 +21,7 @@ import numpy as np
 from ..formats.checkpoint import Checkpoint
 from ..formats.dtypes import HELD
 from ..formats.quantized import QuantizedWeight
-from .rounding import round_to_bf16
+from .rounding import round_to_bf16, widen_bf16
 
 E4M3_MAX = 448.0
 
@@ -64,7 +64,9 @@ def dequantize_float32(weight: QuantizedWeight, stored: np.ndarray, parts: dict[
 def widen(values: np.ndarray, dtype: str) -> np.ndarray:
     """float32 of values held as `dtype` (bf16 bits, float16, float32): exact."""
     if dtype == "BF16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
+        out = np.empty(values.shape, dtype=np.float32)
+        widen_bf16(values, out)
+        return out
     return values.astype(np.float32, copy=False)
 
 
@@ -123,7 +125,7 @@ def _four_codes(code: np.ndarray) -> np.ndarray:
 def _round_into(values: np.ndarray, out: np.ndarray, dtype: str, scratch: np.ndarray) -> None:
     """float32 values rounded (nearest, ties to even) into `out`, held as `dtype` holds them."""
     if dtype == "BF16":
-        round_to_bf16(values.view(np.uint32), out, scratch)
+        round_to_bf16(values, out, scratch)
     else:
         np.copyto(out, values, casting="same_kind")
 
