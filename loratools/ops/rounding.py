@@ -37,12 +37,24 @@ def round_to_bf16(values: np.ndarray, out: np.ndarray, scratch: np.ndarray, *, f
     if finite and torch is not None and values.size and values.flags.writeable:  # a read-only array would warn
         torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(values.view(np.float32)))
         return
+    _rounded_bits(values.view(np.uint32), scratch)
+    np.right_shift(scratch, 16, out=out, casting="unsafe")
+
+
+def round_to_bf16_in_float32(values: np.ndarray, scratch: np.ndarray) -> None:
+    """float32 `values` rounded to bfloat16 precision in place (the bit path: exactly what
+    rounding into bfloat16 and widening back gives, NaNs included), in one pass fewer."""
     bits = values.view(np.uint32)
+    _rounded_bits(bits, scratch)
+    np.bitwise_and(scratch, 0xFFFF0000, out=bits)
+
+
+def _rounded_bits(bits: np.ndarray, scratch: np.ndarray) -> None:
+    """scratch = bits + 0x7FFF + the lowest kept bit (uint32, wrapping): its top half is the result."""
     np.right_shift(bits, 16, out=scratch)
     np.bitwise_and(scratch, 1, out=scratch)
     np.add(scratch, 0x7FFF, out=scratch)
     np.add(scratch, bits, out=scratch)
-    np.right_shift(scratch, 16, out=out, casting="unsafe")
 
 
 def widen_bf16(bits: np.ndarray, out: np.ndarray) -> None:

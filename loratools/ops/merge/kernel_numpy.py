@@ -45,10 +45,24 @@ class Workspace:
         return buf[:n].view(dtype).reshape(shape)
 
 
-def merge_tensor(plan: MergePlan, ops: TensorOps, base: np.ndarray, in_dtype: str, out_dtype: str,
-                 writer, name: str, work: Workspace) -> None:
-    """Queue the merged tensor on `writer` (its `begin` already called). base: the stored
-    values (bf16 as uint16 bits), shape (rows, cols), read-only."""
+class StoredRows:
+    """Rows of a stored tensor's 2-D view (bf16 as its bits, float16, float32), widened into
+    float32 blocks. (dequant.BnbRows is the other row source: a bnb 4-bit weight.)"""
+
+    def __init__(self, values: np.ndarray, dtype: str):
+        self.values, self.dtype = values.reshape(values.shape[0], -1), dtype
+        self.shape = self.values.shape
+
+    def fill(self, start: int, stop: int, block: np.ndarray, scratch: np.ndarray) -> None:
+        if self.dtype == "BF16":  # the top half of a float32: widened exactly
+            widen_bf16(self.values[start:stop], block)
+        else:
+            np.copyto(block, self.values[start:stop])
+
+
+def merge_tensor(plan: MergePlan, ops: TensorOps, base, out_dtype: str, writer, name: str, work: Workspace) -> None:
+    """Queue the merged tensor on `writer` (its `begin` already called). base: a row source
+    (StoredRows, dequant.BnbRows) of shape (rows, cols)."""
     products = []  # (s·L, R): ΔW = s·L@R in the base tensor's own orientation
     for module in ops.modules:
         a, b = (x.astype(np.float32, copy=False) for x in plan.adapter.factor_arrays(module.path))
@@ -57,16 +71,18 @@ def merge_tensor(plan: MergePlan, ops: TensorOps, base: np.ndarray, in_dtype: st
         left, right = (a.T, b.T) if module.layout.transposed else (b, a)
         products.append((np.ascontiguousarray(left * s), np.ascontiguousarray(right)))
     with np.errstate(all="ignore"):  # overflow is found and refused explicitly (finite_below), not warned about
-        _merge_blocks(products, base, in_dtype, out_dtype, writer, name, work)
+        _merge_blocks(products, base, out_dtype, writer, name, work)
 
 
-def store(values: np.ndarray, in_dtype: str, out_dtype: str, writer, name: str, work: Workspace) -> None:
-    """Queue values held as `in_dtype` rounded into the output dtype (a dequantized weight no ΔW touches)."""
+def store(values, out_dtype: str, writer, name: str, work: Workspace, *, check: bool = True) -> None:
+    """Queue a row source's values rounded into the output dtype (a dequantized weight no ΔW
+    touches). check=False: written as they are, NaN and Inf included (values already held in
+    `out_dtype`'s precision, so the rounding is exact)."""
     with np.errstate(all="ignore"):
-        _merge_blocks([], values.reshape(values.shape[0], -1), in_dtype, out_dtype, writer, name, work)
+        _merge_blocks([], values, out_dtype, writer, name, work, check=check)
 
 
-def _merge_blocks(products, base: np.ndarray, in_dtype: str, out_dtype: str, writer, name: str, work: Workspace) -> None:
+def _merge_blocks(products, base, out_dtype: str, writer, name: str, work: Workspace, *, check: bool = True) -> None:
     rows, cols = base.shape
     step = max(1, ROW_BLOCK_BYTES // (4 * max(1, cols)))
     out_type = DTYPES[out_dtype]
@@ -74,20 +90,17 @@ def _merge_blocks(products, base: np.ndarray, in_dtype: str, out_dtype: str, wri
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         shape = (stop - start, cols)
-        block = work.get("block", np.float32, shape)
-        if in_dtype == "BF16":  # the top half of a float32: widened exactly
-            widen_bf16(base[start:stop], block)
-        else:
-            np.copyto(block, base[start:stop])
+        block, bits = work.get("block", np.float32, shape), work.get("bits", np.uint32, shape)
+        base.fill(start, stop, block, bits)
         product = work.get("product", np.float32, shape)
         for left, right in products:
             np.matmul(left[start:stop], right, out=product)
             block += product
-        if not finite_below(block, limit):
+        if check and not finite_below(block, limit):
             raise LoraToolsError(f"merged {name} is not finite (overflows {out_name}?); nothing was written", code="non-finite")
         target = writer.buffer(shape[0] * cols * np.dtype(out_type).itemsize).view(out_type).reshape(shape)
         if out_dtype == "BF16":
-            round_to_bf16(block, target, work.get("bits", np.uint32, shape), finite=True)
+            round_to_bf16(block, target, bits, finite=check)
         else:
             np.copyto(target, block, casting="same_kind")
         writer.write(target, slot=True)
