@@ -10,6 +10,7 @@ here: the library imports it inside the functions that need tensors.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 
@@ -33,7 +34,33 @@ def _on_signal(signum, frame):
     raise _Terminated(signum)
 
 
+# numpy's BLAS (OpenBLAS) starts a thread per core when numpy is imported, and those threads
+# spin-wait after every call: for loratools' small products (a merge's row blocks, the r×r cores
+# and tall r-column QRs of svd/combine) they only burn the other cores, and when another process
+# keeps a core busy they make svd many times slower. So the command runs them single-threaded,
+# set before numpy loads; a variable the user set is left alone. torch's pools (OpenMP, MKL) too,
+# except for `extract`, whose dense SVDs of whole weight differences are worth several threads
+# (a torch merge sets its own thread count per worker).
+BLAS_THREADS = "OPENBLAS_NUM_THREADS"
+TORCH_THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+MULTITHREADED_COMMANDS = {"extract"}
+
+
+def single_threaded_pools(args: list[str]) -> None:
+    """Set the thread variables above for the command in `args` (the CLI's arguments), unless
+    numpy is already loaded (the library used in-process: too late, and not ours to change)."""
+    if "numpy" in sys.modules:
+        return
+    command = next((a for a in args if not a.startswith("-")), None)
+    for name in (BLAS_THREADS,) if command in MULTITHREADED_COMMANDS else (BLAS_THREADS, *TORCH_THREADS):
+        os.environ.setdefault(name, "1")
+
+
 class _Group(click.Group):
+    def main(self, args=None, *rest, **kwargs):
+        single_threaded_pools(sys.argv[1:] if args is None else list(args))
+        return super().main(args, *rest, **kwargs)
+
     def invoke(self, ctx: click.Context):
         debug = "--debug" in sys.argv[1:] or (ctx.params or {}).get("debug", False)
         for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):

@@ -16,12 +16,14 @@ in float32 (as DeepSeek's and transformers' reference dequantization compute it)
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..formats.checkpoint import Checkpoint
 from ..formats.dtypes import HELD
 from ..formats.quantized import QuantizedWeight
-from .rounding import round_to_bf16
+from .rounding import round_to_bf16, round_to_bf16_in_float32, widen_bf16
 
 E4M3_MAX = 448.0
 
@@ -46,10 +48,19 @@ def dequantize(weight: QuantizedWeight, stored: np.ndarray, parts: dict[str, np.
     tensor's bytes (uint8)."""
     if weight.scheme == "fp8":
         return dequantize_fp8(stored, parts["scale_inv"], weight.shape, weight.block)
+    return dequantize_bnb(stored, bnb_absmax(weight, parts), _bnb_code(weight, parts), weight.block[0], weight.shape, weight.dtype)
+
+
+def bnb_rows(weight: QuantizedWeight, stored: np.ndarray, parts: dict[str, np.ndarray]) -> "BnbRows":
+    """A bnb weight as a row source for the merge kernel (BnbRows)."""
+    return BnbRows(stored, bnb_absmax(weight, parts), _bnb_code(weight, parts), weight.block[0], weight.shape, weight.dtype)
+
+
+def _bnb_code(weight: QuantizedWeight, parts: dict[str, np.ndarray]) -> np.ndarray:
     code = parts["quant_map"].reshape(-1).astype(np.float32)
     if weight.scheme == "fp4" and code[8] == 0:
         code[8] = -0.0  # fp4's code 8 is sign bit + zero: bitsandbytes' scalar CPU kernel gives -0.0 there
-    return dequantize_bnb(stored, bnb_absmax(weight, parts), code, weight.block[0], weight.shape, weight.dtype)
+    return code
 
 
 def value_dtype(weight: QuantizedWeight) -> str:
@@ -64,7 +75,9 @@ def dequantize_float32(weight: QuantizedWeight, stored: np.ndarray, parts: dict[
 def widen(values: np.ndarray, dtype: str) -> np.ndarray:
     """float32 of values held as `dtype` (bf16 bits, float16, float32): exact."""
     if dtype == "BF16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
+        out = np.empty(values.shape, dtype=np.float32)
+        widen_bf16(values, out)
+        return out
     return values.astype(np.float32, copy=False)
 
 
@@ -80,42 +93,85 @@ def bnb_absmax(weight: QuantizedWeight, parts: dict[str, np.ndarray]) -> np.ndar
     return out
 
 
-CHUNK = 1 << 14  # elements dequantized per step (stays in cache); a multiple of every blocksize
+CHUNK = 1 << 14  # elements decoded per step (stays in cache); a multiple of every blocksize
 
 
 def dequantize_bnb(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int,
                    shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """In chunks that stay in cache: two packed bytes index a table of their four code values
-    (a numpy gather costs per index: one index for four values), then each block is scaled and
-    rounded into the output."""
-    numel = int(np.prod(shape, dtype=np.int64))
-    packed = packed.reshape(-1)
-    out = np.empty(numel, dtype=HELD[dtype])
-    whole = numel // CHUNK * CHUNK
-    if whole:
-        four = _four_codes(code)
-        pairs = packed[: whole // 2].view("<u2")
-        values = np.empty(CHUNK, dtype=np.float32)
-        scratch = np.empty(CHUNK, dtype=np.uint32)
-        for start in range(0, whole, CHUNK):
-            np.take(four, pairs[start // 4: (start + CHUNK) // 4], axis=0, out=values.reshape(-1, 4))
-            blocks = values.reshape(-1, blocksize)  # a view: scaled in place
-            blocks *= absmax[start // blocksize: (start + CHUNK) // blocksize, None]
-            _round_into(values, out[start: start + CHUNK], dtype, scratch)
-    if whole < numel:  # the last partial chunk (any size, maybe a partial block): nibble by nibble
-        rest = packed[whole // 2:]
-        codes = np.empty(rest.size * 2, dtype=np.uint8)
-        np.right_shift(rest, 4, out=codes[0::2])
-        np.bitwise_and(rest, 0x0F, out=codes[1::2])
-        values = code[codes[: numel - whole]]
-        values *= absmax[(whole + np.arange(numel - whole)) // blocksize]
-        _round_into(values, out[whole:], dtype, np.empty(values.size, dtype=np.uint32))
+    """The whole weight, rounded into `dtype` (bf16 as its bits), chunk by chunk."""
+    rows = BnbRows(packed, absmax, code, blocksize, shape, dtype)
+    out = np.empty(rows.numel, dtype=HELD[dtype])
+    values = np.empty(min(CHUNK, rows.numel), dtype=np.float32)
+    scratch = np.empty(values.size, dtype=np.uint32)
+    for start in range(0, rows.numel, CHUNK):
+        stop = min(start + CHUNK, rows.numel)
+        rows.decode(start, stop, values[: stop - start])
+        _round_into(values[: stop - start], out[start:stop], dtype, scratch[: stop - start])
     return out.reshape(shape)
 
 
-def _four_codes(code: np.ndarray) -> np.ndarray:
+class BnbRows:
+    """A bnb 4-bit weight as rows (its 2-D view: shape[0] × the rest) decoded on demand, so a
+    merge dequantizes each row block into its own float32 block: no whole-tensor array, and
+    the values go through one rounding into the quant state's dtype (exactly what the 4-bit
+    model computes with) and one into the output's."""
+
+    def __init__(self, packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int,
+                 shape: tuple[int, ...], dtype: str):
+        self.numel = int(np.prod(shape, dtype=np.int64))
+        self.shape = (shape[0], self.numel // max(1, shape[0])) if shape else (1, 1)
+        self.dtype, self.blocksize = dtype, blocksize
+        self.packed, self.absmax, self.code = packed.reshape(-1), absmax, code
+        # two packed bytes (a little-endian uint16) index a table of their four code values, taken
+        # as one 16-byte item: a numpy gather costs per index, and a 1-D one of whole items is the fast one
+        self.pairs = self.packed[: self.numel // 4 * 2].view("<u2")
+        self.four = _four_codes(code.tobytes()).view("V16").reshape(-1)
+
+    def fill(self, start: int, stop: int, block: np.ndarray, scratch: np.ndarray) -> None:
+        """Rows [start, stop) as float32 into `block` (shape (stop-start, cols)), rounded to the
+        quant state's dtype; scratch: uint32 of the block's size."""
+        cols = self.shape[1]
+        flat = block.reshape(-1)
+        self.decode(start * cols, stop * cols, flat)
+        if self.dtype == "BF16":
+            round_to_bf16_in_float32(flat, scratch.reshape(-1))
+        elif self.dtype == "F16":
+            np.copyto(flat, flat.astype(np.float16))
+        # float32: the products themselves
+
+    def decode(self, first: int, last: int, out: np.ndarray) -> None:
+        """Elements [first, last) of the flattened weight into `out` (float32, unrounded):
+        code value × its block's scale, one float32 product each."""
+        bs = self.blocksize
+        lo = min(last, -(-first // bs) * bs)  # whole blocks from here (bs is a multiple of 4)...
+        hi = max(lo, last // bs * bs)  # ...to here
+        if first < lo:
+            self._nibbles(first, lo, out[: lo - first])
+        for start in range(lo, hi, CHUNK):
+            stop = min(start + CHUNK, hi)
+            values = out[start - first: stop - first]
+            np.take(self.four, self.pairs[start // 4: stop // 4], out=values.view("V16"))
+            blocks = values.reshape(-1, bs)  # a view: scaled in place
+            blocks *= self.absmax[start // bs: stop // bs, None]
+        if hi < last:
+            self._nibbles(hi, last, out[hi - first:])
+
+    def _nibbles(self, first: int, last: int, out: np.ndarray) -> None:
+        """A partial block, nibble by nibble (high nibble first in each byte)."""
+        packed = self.packed[first // 2: (last + 1) // 2]
+        codes = np.empty(packed.size * 2, dtype=np.uint8)
+        np.right_shift(packed, 4, out=codes[0::2])
+        np.bitwise_and(packed, 0x0F, out=codes[1::2])
+        codes = codes[first % 2: first % 2 + last - first]
+        np.multiply(self.code[codes], self.absmax[np.arange(first, last) // self.blocksize], out=out)
+
+
+@functools.lru_cache(maxsize=8)
+def _four_codes(code: bytes) -> np.ndarray:
     """(65536, 4) float32: the code values of the four nibbles of a little-endian uint16 of two
-    packed bytes, in element order (high nibble first in each byte)."""
+    packed bytes, in element order (high nibble first in each byte). Keyed by the code table's
+    bytes: every weight of a model shares one table."""
+    code = np.frombuffer(code, dtype=np.float32)
     v = np.arange(65536, dtype=np.uint32)
     return np.ascontiguousarray(np.stack([code[(v >> 4) & 15], code[v & 15], code[(v >> 12) & 15], code[(v >> 8) & 15]], axis=1))
 
@@ -123,7 +179,7 @@ def _four_codes(code: np.ndarray) -> np.ndarray:
 def _round_into(values: np.ndarray, out: np.ndarray, dtype: str, scratch: np.ndarray) -> None:
     """float32 values rounded (nearest, ties to even) into `out`, held as `dtype` holds them."""
     if dtype == "BF16":
-        round_to_bf16(values.view(np.uint32), out, scratch)
+        round_to_bf16(values, out, scratch)
     else:
         np.copyto(out, values, casting="same_kind")
 

@@ -5,8 +5,8 @@ Conv1D and Embedding weights (nearly every adapter) needs only a matrix product,
 does with the same float32 arithmetic. Everything else (DoRA, KaSA, replaced rows, lora_bias,
 other dtypes, a GPU) goes through kernel_torch.py with torch.
 
-Row blocks of ~1 MB: widen into a float32 block, add the products, round once
-into a writer buffer (bfloat16: round to nearest even on the bits, as torch does), check, queue.
+Row blocks of ~1 MB: widen into a float32 block, add the products, check that it rounds to finite
+values (two read-only reductions), round once into a writer buffer (rounding.py), queue.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import LoraToolsError
 from ...formats.dtypes import HELD
-from ..rounding import round_to_bf16
+from ..rounding import BF16_OVERFLOW, finite_below, round_to_bf16, widen_bf16
 
 if TYPE_CHECKING:
     from .plan import MergePlan, TensorOps
@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 ROW_BLOCK_BYTES = 1 << 20  # float32 rows processed per step: small enough to stay in cache
 
 DTYPES = {code: np.dtype(held).type for code, held in HELD.items()}  # as stored (bf16 as its bits)
-# Magnitude bits (sign cleared) of a float32 at or above which bfloat16 rounding gives Inf or NaN.
-BF16_OVERFLOW = 0x7F7F8000
+# Per output dtype: the float32 magnitude from which rounding into it gives Inf (float16: halfway
+# between its largest finite value 65504 and 65536, a tie that goes to the even Inf), and its name.
+FINITE_BELOW = {"BF16": (BF16_OVERFLOW, "bfloat16"), "F16": (65520.0, "float16"), "F32": (float("inf"), "float32")}
 
 
 class Workspace:
@@ -44,10 +45,24 @@ class Workspace:
         return buf[:n].view(dtype).reshape(shape)
 
 
-def merge_tensor(plan: MergePlan, ops: TensorOps, base: np.ndarray, in_dtype: str, out_dtype: str,
-                 writer, name: str, work: Workspace) -> None:
-    """Queue the merged tensor on `writer` (its `begin` already called). base: the stored
-    values (bf16 as uint16 bits), shape (rows, cols), read-only."""
+class StoredRows:
+    """Rows of a stored tensor's 2-D view (bf16 as its bits, float16, float32), widened into
+    float32 blocks. (dequant.BnbRows is the other row source: a bnb 4-bit weight.)"""
+
+    def __init__(self, values: np.ndarray, dtype: str):
+        self.values, self.dtype = values.reshape(values.shape[0], -1), dtype
+        self.shape = self.values.shape
+
+    def fill(self, start: int, stop: int, block: np.ndarray, scratch: np.ndarray) -> None:
+        if self.dtype == "BF16":  # the top half of a float32: widened exactly
+            widen_bf16(self.values[start:stop], block)
+        else:
+            np.copyto(block, self.values[start:stop])
+
+
+def merge_tensor(plan: MergePlan, ops: TensorOps, base, out_dtype: str, writer, name: str, work: Workspace) -> None:
+    """Queue the merged tensor on `writer` (its `begin` already called). base: a row source
+    (StoredRows, dequant.BnbRows) of shape (rows, cols)."""
     products = []  # (s·L, R): ΔW = s·L@R in the base tensor's own orientation
     for module in ops.modules:
         a, b = (x.astype(np.float32, copy=False) for x in plan.adapter.factor_arrays(module.path))
@@ -55,58 +70,37 @@ def merge_tensor(plan: MergePlan, ops: TensorOps, base: np.ndarray, in_dtype: st
         # a transposed layout holds ΔW as (B@A).T = A.T @ B.T
         left, right = (a.T, b.T) if module.layout.transposed else (b, a)
         products.append((np.ascontiguousarray(left * s), np.ascontiguousarray(right)))
-    with np.errstate(all="ignore"):  # overflow is found and refused explicitly (_round_into), not warned about
-        _merge_blocks(products, base, in_dtype, out_dtype, writer, name, work)
+    with np.errstate(all="ignore"):  # overflow is found and refused explicitly (finite_below), not warned about
+        _merge_blocks(products, base, out_dtype, writer, name, work)
 
 
-def store(values: np.ndarray, in_dtype: str, out_dtype: str, writer, name: str, work: Workspace) -> None:
-    """Queue values held as `in_dtype` rounded into the output dtype (a dequantized weight no ΔW touches)."""
+def store(values, out_dtype: str, writer, name: str, work: Workspace, *, check: bool = True) -> None:
+    """Queue a row source's values rounded into the output dtype (a dequantized weight no ΔW
+    touches). check=False: written as they are, NaN and Inf included (values already held in
+    `out_dtype`'s precision, so the rounding is exact)."""
     with np.errstate(all="ignore"):
-        _merge_blocks([], values.reshape(values.shape[0], -1), in_dtype, out_dtype, writer, name, work)
+        _merge_blocks([], values, out_dtype, writer, name, work, check=check)
 
 
-def _merge_blocks(products, base: np.ndarray, in_dtype: str, out_dtype: str, writer, name: str, work: Workspace) -> None:
+def _merge_blocks(products, base, out_dtype: str, writer, name: str, work: Workspace, *, check: bool = True) -> None:
     rows, cols = base.shape
     step = max(1, ROW_BLOCK_BYTES // (4 * max(1, cols)))
     out_type = DTYPES[out_dtype]
+    limit, out_name = FINITE_BELOW[out_dtype]
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         shape = (stop - start, cols)
-        block = work.get("block", np.float32, shape)
-        if in_dtype == "BF16":  # the top half of a float32: widen exactly by a shift
-            np.left_shift(base[start:stop], 16, out=block.view(np.uint32), dtype=np.uint32)
-        else:
-            np.copyto(block, base[start:stop])
+        block, bits = work.get("block", np.float32, shape), work.get("bits", np.uint32, shape)
+        base.fill(start, stop, block, bits)
         product = work.get("product", np.float32, shape)
         for left, right in products:
             np.matmul(left[start:stop], right, out=product)
             block += product
+        if check and not finite_below(block, limit):
+            raise LoraToolsError(f"merged {name} is not finite (overflows {out_name}?); nothing was written", code="non-finite")
         target = writer.buffer(shape[0] * cols * np.dtype(out_type).itemsize).view(out_type).reshape(shape)
-        _round_into(block, target, out_dtype, work.get("bits", np.uint32, shape), name)
+        if out_dtype == "BF16":
+            round_to_bf16(block, target, bits, finite=check)
+        else:
+            np.copyto(target, block, casting="same_kind")
         writer.write(target, slot=True)
-
-
-def _round_into(block: np.ndarray, target: np.ndarray, out_dtype: str, scratch: np.ndarray, name: str) -> None:
-    """Round the float32 block once into the output dtype, refusing NaN/Inf (including values
-    that overflow the output type)."""
-    bits = block.view(np.uint32)
-    np.bitwise_and(bits, 0x7FFFFFFF, out=scratch)  # magnitudes: the max shows NaN, Inf and overflow
-    largest = int(scratch.max()) if scratch.size else 0
-    if out_dtype == "BF16":
-        if largest >= BF16_OVERFLOW:
-            _not_finite(name, "bfloat16")
-        round_to_bf16(bits, target, scratch)
-    elif out_dtype == "F16":
-        if largest >= 0x7F800000:
-            _not_finite(name, "float32")
-        np.copyto(target, block, casting="same_kind")
-        if target.size and int((target.view(np.uint16) & 0x7C00).max()) == 0x7C00:
-            _not_finite(name, "float16")
-    else:
-        if largest >= 0x7F800000:
-            _not_finite(name, "float32")
-        np.copyto(target, block)
-
-
-def _not_finite(name: str, dtype: str) -> None:
-    raise LoraToolsError(f"merged {name} is not finite (overflows {dtype}?); nothing was written", code="non-finite")

@@ -9,7 +9,8 @@ it (kernel_torch.py: DoRA, KaSA, replaced rows, lora_bias, other dtypes, a GPU).
 
 A quantized weight (formats/quantized.py) is dequantized (dequant.py: bnb into its quant
 state's dtype, bit for bit as bitsandbytes does; FP8 into float32) and merged from there; its
-scales and code maps are not written. With `keep_quantized` (FP8), a changed
+scales and code maps are not written. A bnb weight on the numpy kernel is decoded row block by
+row block inside the merge's loop (dequant.BnbRows): no whole-tensor array. With `keep_quantized` (FP8), a changed
 weight is quantized again and written with its new scales; unchanged ones are copied as stored.
 """
 
@@ -65,6 +66,13 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, progress: Cal
                     if out.name not in requantized:
                         requantized.update(_requantize(plan, out, source, work, torch_state))
                     writer.write(requantized.pop(out.name))
+                elif out.quantized and out.kernel != "torch" and plan.base.quantized[out.quantized].scheme != "fp8":
+                    # bnb 4-bit: decoded row block by row block inside the merge's own loop
+                    rows = _bnb_rows(plan, out.quantized, source)
+                    if out.action == "dequantize":  # no ΔW: into the output dtype (checked if it changes)
+                        kernel_numpy.store(rows, out.dtype, writer, out.name, work, check=out.kernel is not None)
+                    else:
+                        _merge_tensor(plan, out, None, writer, work, torch_state, rows=rows)
                 else:
                     if out.quantized:
                         values, _ = _dequantize(plan, out.quantized, source)
@@ -74,7 +82,7 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, progress: Cal
                     if out.action == "dequantize" and out.kernel is None:  # decoded into its own dtype
                         writer.write(values)
                     elif out.action == "dequantize":
-                        kernel_numpy.store(values, out.held, out.dtype, writer, out.name, work)
+                        kernel_numpy.store(kernel_numpy.StoredRows(values, out.held), out.dtype, writer, out.name, work)
                     else:
                         _merge_tensor(plan, out, raw, writer, work, torch_state)
                 source.release(info)
@@ -95,6 +103,12 @@ def _dequantize(plan: MergePlan, name: str, source: "_SourceMap") -> tuple[np.nd
     weight = plan.base.quantized[name]
     stored = np.frombuffer(source.bytes(plan.base.shards[plan.base.weight_map[name]].tensors[name]), dtype=np.uint8)
     return dequant.dequantize(weight, stored, dequant.read_parts(plan.base, weight)), dequant.value_dtype(weight)
+
+
+def _bnb_rows(plan: MergePlan, name: str, source: "_SourceMap") -> dequant.BnbRows:
+    weight = plan.base.quantized[name]
+    stored = np.frombuffer(source.bytes(plan.base.shards[plan.base.weight_map[name]].tensors[name]), dtype=np.uint8)
+    return dequant.bnb_rows(weight, stored, dequant.read_parts(plan.base, weight))
 
 
 def _requantize(plan: MergePlan, out: OutputTensor, source: "_SourceMap", work, torch_state) -> dict[str, np.ndarray]:
@@ -127,16 +141,19 @@ class _ArrayWriter:
         self.position += data.nbytes
 
 
-def _merge_tensor(plan: MergePlan, out: OutputTensor, raw: memoryview, writer, work, torch_state) -> None:
-    """Compute `out` from `raw` (its values, held as out.held) with the kernel the plan chose."""
+def _merge_tensor(plan: MergePlan, out: OutputTensor, raw: memoryview | None, writer, work, torch_state, rows=None) -> None:
+    """Compute `out` from `raw` (its values, held as out.held) with the kernel the plan chose;
+    or, numpy kernel only, from `rows` (a row source: a bnb weight decoded as it goes)."""
     ops = plan.ops.get(out.name)
-    if out.kernel == "numpy":
+    if rows is not None:
+        kernel_numpy.merge_tensor(plan, ops, rows, out.dtype, writer, out.name, work)
+    elif out.kernel == "numpy":
         stored = np.dtype(kernel_numpy.DTYPES[out.held])
         flat = np.frombuffer(raw, dtype=np.uint8)
         if flat.ctypes.data % stored.itemsize:  # other writers need not align tensors: copy this one
             flat = flat.copy()
-        base = flat.view(stored).reshape(out.shape)
-        kernel_numpy.merge_tensor(plan, ops, base, out.held, out.dtype, writer, out.name, work)
+        base = kernel_numpy.StoredRows(flat.view(stored).reshape(out.shape), out.held)
+        kernel_numpy.merge_tensor(plan, ops, base, out.dtype, writer, out.name, work)
     else:
         torch_state.merge(plan, ops, np.frombuffer(raw, dtype=np.uint8), out.held, out.dtype, out.shape, writer, out.name)
 
