@@ -1,0 +1,206 @@
+"""MoE adapters end to end: LoRA on transformers 5's fused expert parameters (PEFT's
+target_parameters) and per-expert (transformers 4) LoRA, merged into checkpoints as transformers
+saves them, checked against PEFT's merge_and_unload saved by transformers and against the PEFT
+model's logits."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from tests.conftest import assert_clean_error, run_cli
+from tests.merged import merged_tensors
+
+DIMS = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            num_experts_per_tok=2, max_position_embeddings=64)
+FAMILIES = {  # model_type -> its config's own names for the expert count and size
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, shared_expert_intermediate_size=16),
+    "mixtral": dict(num_local_experts=4, intermediate_size=24),
+}
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def build(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **DIMS, **FAMILIES[model_type])
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def make_adapter(model_type: str, path, target_parameters=EXPERTS, target_modules=("q_proj", "v_proj"), **extra):
+    """A PEFT adapter on a fresh base, every factor random (fixed seed): B is zero at init."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, lora_alpha=6, target_modules=list(target_modules), target_parameters=list(target_parameters),
+                        **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(build(model_type), config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(str(path))
+    return model
+
+
+def logits(model) -> torch.Tensor:
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(42))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    model_type = request.param
+    root = tmp_path_factory.mktemp(model_type)
+    build(model_type).save_pretrained(str(root / "base"))
+    return model_type, root
+
+
+def peft_reference(model_type, base, adapter, out):
+    """transformers from_pretrained -> PeftModel -> (logits) -> merge_and_unload -> save_pretrained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
+        expected = logits(model)
+        model.merge_and_unload().save_pretrained(str(out))
+    return expected
+
+
+def assert_merge_is_peft(model_type, root, adapter, name):
+    from transformers import AutoModelForCausalLM
+
+    out, ref = root / f"out-{name}", root / f"ref-{name}"
+    result = run_cli("merge", root / "base", adapter, out)
+    assert result.returncode == 0, result.stderr
+    expected = peft_reference(model_type, root / "base", adapter, ref)
+    ours, theirs = merged_tensors(out), merged_tensors(ref)
+    assert set(ours) == set(theirs)
+    base = merged_tensors(root / "base")
+    changed = [k for k in ours if not torch.equal(ours[k], base[k])]
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-6, msg=key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-4, atol=1e-5)
+    return changed
+
+
+def test_fused_experts_merge_equals_peft(family):
+    model_type, root = family
+    make_adapter(model_type, root / "fused")
+    changed = assert_merge_is_peft(model_type, root, root / "fused", "fused")
+    # every expert's gate, up and down in both layers, and q/v: 2·(4·3 + 2)
+    assert len(changed) == 2 * (4 * 3 + 2), changed
+
+
+def test_one_fused_parameter_and_the_router(family):
+    """down_proj alone (saved without the base_layer nesting), plus the router as a plain Linear."""
+    model_type, root = family
+    if model_type == "mixtral":
+        pytest.skip("mixtral's router is stored as block_sparse_moe.gate: the key-rename table (not the experts') places it")
+    make_adapter(model_type, root / "down", target_parameters=["mlp.experts.down_proj"], target_modules=["gate"])
+    changed = assert_merge_is_peft(model_type, root, root / "down", "down")
+    assert sum(".gate.weight" in k for k in changed) == 2 and sum("down_proj" in k for k in changed) == 2 * 4
+
+
+def test_info_describes_experts(family):
+    model_type, root = family
+    if not (root / "fused").exists():
+        make_adapter(model_type, root / "fused")
+    result = run_cli("info", root / "fused", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    experts = doc["experts"]
+    assert [(e["name"], e["experts"], e["rank"], e["layout"]) for e in experts[:2]] == [
+        ("model.layers.0.mlp.experts.down_proj", 4, 2, "fused experts (v5)"),
+        ("model.layers.0.mlp.experts.gate_up_proj", 4, 2, "fused experts (v5)"),
+    ]
+    text = run_cli("info", root / "fused").stdout
+    assert "4 fused experts" in text and "rank-mismatch" not in text
+
+
+def test_validate_checks_experts_against_the_base(family, tmp_path):
+    model_type, root = family
+    if not (root / "fused").exists():
+        make_adapter(model_type, root / "fused")
+    result = run_cli("validate", root / "fused", "--base", root / "base")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # a base with other expert sizes: the shape through the mapping is reported, with a stable code
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dims = {**FAMILIES[model_type]}
+    key = "moe_intermediate_size" if "moe_intermediate_size" in dims else "intermediate_size"
+    dims[key] = 16
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **DIMS, **dims)).save_pretrained(str(tmp_path / "other"))
+    result = run_cli("validate", root / "fused", "--base", tmp_path / "other")
+    assert result.returncode != 0 and "base-shape" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("command", [("resize", "--rank", "1"), ("convert", "--to-lora"), ("combine",)])
+def test_other_commands_refuse_fused_experts(family, tmp_path, command):
+    model_type, root = family
+    if not (root / "fused").exists():
+        make_adapter(model_type, root / "fused")
+    args = [command[0], root / "fused", *(["--weights", "1"] if command[0] == "combine" else []), *command[1:]]
+    result = run_cli(*args, tmp_path / "out")
+    assert_clean_error(result, "fused MoE expert")
+
+
+def test_per_expert_v4_adapter_merges(family):
+    """A transformers 4 adapter names each expert's Linear (as checkpoints do). transformers 5 has no
+    such modules, so it is built from the definition: every on-disk expert weight gets s·B@A."""
+    from safetensors.torch import save_file
+
+    model_type, root = family
+    base = merged_tensors(root / "base")
+    experts = sorted(k for k in base if ".experts.0." in k and k.endswith(".weight"))
+    assert experts, sorted(base)[:10]
+    gen = torch.Generator().manual_seed(3)
+    tensors, expected = {}, {}
+    r, alpha = 2, 4
+    for key in experts:
+        module = key[: -len(".weight")]
+        out_f, in_f = base[key].shape
+        a, b = torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)
+        tensors[f"base_model.model.{module}.lora_A.weight"], tensors[f"base_model.model.{module}.lora_B.weight"] = a, b
+        expected[key] = base[key] + (alpha / r) * (b @ a)
+    leaves = sorted({k.split(".experts.0.")[1].split(".")[0] for k in experts})
+    adapter = root / "v4"
+    adapter.mkdir(exist_ok=True)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": leaves, "task_type": "CAUSAL_LM",
+    }))
+    out = root / "out-v4"
+    result = run_cli("merge", root / "base", adapter, out)
+    assert result.returncode == 0, result.stderr
+    merged = merged_tensors(out)
+    for key, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected.get(key, base[key]), rtol=1e-6, atol=1e-6, msg=key)
+    info = json.loads(run_cli("info", adapter, "--json").stdout)
+    assert {m["layout"] for m in info["modules"]} == {"per-expert (v4)"}
+
+
+def test_without_a_model_type_merge_refuses(tmp_path):
+    """The experts' placement is the family's: a base without config.json is refused, one line."""
+    import shutil
+
+    model_type = "qwen3_moe"
+    build(model_type).save_pretrained(str(tmp_path / "base"))
+    make_adapter(model_type, tmp_path / "ad")
+    (tmp_path / "base" / "config.json").unlink()
+    result = run_cli("merge", tmp_path / "base", tmp_path / "ad", tmp_path / "out")
+    assert_clean_error(result, "fused MoE experts")
+    shutil.rmtree(tmp_path / "base")
