@@ -285,7 +285,8 @@ class Adapter:
             names = {t.rpartition(".")[2] for t in targets
                      if f"{module}.{t.rpartition('.')[2]}" == t or f"{module}.{t.rpartition('.')[2]}".endswith("." + t)}
             ordered = [n for n in order if n in names] + sorted(names - set(order))
-            if depth < len(ordered):
+            if depth < len(ordered) and not (ordered == ["weight"] and depth == 0):
+                # (a module's own 2-D weight alone, e.g. a v5 router, is an nn.Linear LoRA: a plain module)
                 found[path] = f"{module}.{ordered[len(ordered) - 1 - depth]}"
         return found
 

@@ -105,12 +105,14 @@ def test_fused_experts_merge_equals_peft(family):
     assert len(changed) == 2 * (4 * 3 + 2), changed
 
 
-def test_one_fused_parameter_and_the_router(family):
-    """down_proj alone (saved without the base_layer nesting), plus the router as a plain Linear."""
-    model_type, root = family
-    if model_type == "mixtral":
-        pytest.skip("mixtral's router is stored as block_sparse_moe.gate: the key-rename table (not the experts') places it")
-    make_adapter(model_type, root / "down", target_parameters=["mlp.experts.down_proj"], target_modules=["gate"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+def test_one_fused_parameter_and_the_router(model_type, tmp_path):
+    """down_proj alone (saved without the base_layer nesting), plus the router: in transformers 5 a
+    TopKRouter, not an nn.Linear, so PEFT targets its 2-D weight as a parameter; ΔW = s·B@A as for a
+    Linear. (Mixtral's router is stored as block_sparse_moe.gate: the key-rename table places it.)"""
+    root = tmp_path
+    build(model_type).save_pretrained(str(root / "base"))
+    make_adapter(model_type, root / "down", target_parameters=["mlp.experts.down_proj", "mlp.gate.weight"], target_modules=[])
     changed = assert_merge_is_peft(model_type, root, root / "down", "down")
     assert sum(".gate.weight" in k for k in changed) == 2 and sum("down_proj" in k for k in changed) == 2 * 4
 
@@ -190,7 +192,7 @@ def test_per_expert_v4_adapter_merges(family):
     for key, tensor in merged.items():
         torch.testing.assert_close(tensor, expected.get(key, base[key]), rtol=1e-6, atol=1e-6, msg=key)
     info = json.loads(run_cli("info", adapter, "--json").stdout)
-    assert {m["layout"] for m in info["modules"]} == {"per-expert (v4)"}
+    assert {m["moe"] for m in info["modules"]} == {"per-expert (v4)"}
 
 
 def test_without_a_model_type_merge_refuses(tmp_path):
