@@ -205,6 +205,14 @@ def _check_values(adapter: Adapter, add) -> None:
                 add("non-finite", ERROR, f"{key} contains NaN or Inf: training diverged or the file is corrupt", path)
             elif key == module.b_key and not nonzero:
                 add("zero-lora-b", WARNING, f"lora_B of {path} is all zeros: this module is untrained (ΔW = 0)", path)
+    for path, expert in adapter.experts.items():  # fused MoE experts (target_parameters)
+        for key in (expert.a_key, expert.b_key):
+            finite, nonzero = values(key)
+            if not finite:
+                add("non-finite", ERROR, f"{key} contains NaN or Inf: training diverged or the file is corrupt", path)
+            elif key == expert.b_key and not nonzero:
+                add("zero-lora-b", WARNING, f"lora_B of {path} is all zeros: these {expert.num_experts} experts are untrained "
+                    "(ΔW = 0)", path)
     for key, target in [(e.key, e.target) for e in adapter.extras] + [(t.key, t.target) for t in adapter.trainable_tokens]:
         meta = adapter.tensors.meta(key)
         if meta.dtype not in ("float16", "bfloat16", "float32", "float64"):

@@ -239,8 +239,8 @@ def _place_experts(base: Checkpoint, adapter: Adapter, mapper: BaseNameMapper, e
             raise UnsupportedError(f"{what}: base {name} is {unmergeable_dtype(info)}", code="base-dtype")
         module = adapter.expert_slice(expert, place.expert, place.rows, layout.transposed)
         if tuple(info.shape) != module.weight_shape:
-            raise ShapeError(f"{what}: adapter expects {name} of shape {list(module.weight_shape)} "
-                             f"(expert slice {list(module.weight_shape)} of {list((expert.num_experts, d1, d2))}), "
+            raise ShapeError(f"{what}: adapter expects {name} of shape {list(module.weight_shape)} (rows "
+                             f"{place.rows[0]}:{place.rows[1]} of the expert's {[d1, d2]} in {expert.path}), "
                              f"base has {list(info.shape)}", code="base-shape")
         ops.setdefault(name, TensorOps()).modules.append(module)
 
