@@ -77,6 +77,12 @@ class LoraModule:
     def num_lora_params(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 
+    @property
+    def first_row(self) -> int:
+        """The row of the base tensor's (rows, last dim) view where ΔW starts: 0 but for one expert
+        of a tensor that stores all experts (its ΔW covers weight_shape[0] rows from there)."""
+        return self.expert.first_row if self.expert else 0
+
 
 @dataclass(frozen=True)
 class ExpertSlice:
@@ -90,6 +96,7 @@ class ExpertSlice:
     rank: int
     a_cols: tuple[int, int] | None = None
     b_rows: tuple[int, int] | None = None
+    first_row: int = 0  # where its ΔW starts in the base tensor's (rows, last dim) view: e·d1 in a fused (E, d1, d2) tensor
 
     def cut(self, a, b):
         """(A_e, B_e) of stored (A, B), numpy arrays or torch tensors."""
@@ -323,13 +330,16 @@ class Adapter:
             self._problem(path, ShapeError(f"module {path}: fused-experts LoRA with {', '.join(stray)} "
                                            "(PEFT's ParamWrapper saves only lora_A/lora_B)", code="stray-tensor"))
 
-    def expert_slice(self, expert: ExpertModule, index: int, rows: tuple[int, int], transposed: bool) -> LoraModule:
+    def expert_slice(self, expert: ExpertModule, index: int, rows: tuple[int, int], transposed: bool,
+                     stacked: bool = False) -> LoraModule:
         """The plain LoRA module that expert `index`'s rows `rows` of its (d1, d2) slice are: its
-        factors are views of the fused ones (factors() cuts them), registered under a path of its own."""
+        factors are views of the fused ones (factors() cuts them), registered under a path of its own.
+        stacked: the base tensor holds every expert, (E, d1, d2); this one's rows start at index·d1."""
         d1, d2 = expert.expert_shape(transposed)
         full = rows == (0, d1)
         cut = ExpertSlice(expert.path, index, expert.num_experts, expert.rank,
-                          a_cols=None if full or not transposed else rows, b_rows=None if full or transposed else rows)
+                          a_cols=None if full or not transposed else rows, b_rows=None if full or transposed else rows,
+                          first_row=index * d1 + rows[0] if stacked else 0)
         height = rows[1] - rows[0]
         path = f"{expert.path}[{index}]" + ("" if full else f"[{rows[0]}:{rows[1]}]")
         module = LoraModule(

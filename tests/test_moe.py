@@ -20,7 +20,10 @@ FAMILIES = {  # model_type -> its config's own names for the expert count and si
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40),
     "qwen2_moe": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, shared_expert_intermediate_size=16),
     "mixtral": dict(num_local_experts=4, intermediate_size=24),
+    # stored fused, (E, in, out), gate/up interleaved: ΔW goes into each expert's slice, transposed
+    "gpt_oss": dict(num_local_experts=4, intermediate_size=24),
 }
+PER_EXPERT_ON_DISK = ("qwen3_moe", "qwen2_moe", "mixtral")
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
@@ -64,7 +67,7 @@ def family(request, tmp_path_factory):
     return model_type, root
 
 
-def peft_reference(model_type, base, adapter, out):
+def peft_reference(model_type, base, adapter, out, run=True):
     """transformers from_pretrained -> PeftModel -> (logits) -> merge_and_unload -> save_pretrained."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -72,24 +75,28 @@ def peft_reference(model_type, base, adapter, out):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
-        expected = logits(model)
+        expected = logits(model) if run else None
         model.merge_and_unload().save_pretrained(str(out))
     return expected
 
 
-def assert_merge_is_peft(model_type, root, adapter, name):
+def assert_merge_is_peft(model_type, root, adapter, name, run=True):
+    """OUT equals PEFT's merged model as transformers saves it, and (run) transformers loads OUT
+    with the PEFT model's logits."""
     from transformers import AutoModelForCausalLM
 
     out, ref = root / f"out-{name}", root / f"ref-{name}"
     result = run_cli("merge", root / "base", adapter, out)
     assert result.returncode == 0, result.stderr
-    expected = peft_reference(model_type, root / "base", adapter, ref)
+    expected = peft_reference(model_type, root / "base", adapter, ref, run)
     ours, theirs = merged_tensors(out), merged_tensors(ref)
     assert set(ours) == set(theirs)
     base = merged_tensors(root / "base")
     changed = [k for k in ours if not torch.equal(ours[k], base[k])]
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-6, msg=key)
+    if not run:
+        return changed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
@@ -101,8 +108,25 @@ def test_fused_experts_merge_equals_peft(family):
     model_type, root = family
     make_adapter(model_type, root / "fused")
     changed = assert_merge_is_peft(model_type, root, root / "fused", "fused")
-    # every expert's gate, up and down in both layers, and q/v: 2·(4·3 + 2)
-    assert len(changed) == 2 * (4 * 3 + 2), changed
+    # in both layers q, v and every expert's gate, up and down (gpt_oss: the two fused tensors)
+    assert len(changed) == 2 * (2 + (2 if model_type == "gpt_oss" else 4 * 3)), changed
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_fused_experts_through_torch(model_type, tmp_path):
+    """A float64 base is merged by the torch kernel (in float64, as PEFT merges it): the same
+    placement, including a tensor that stores all experts. (transformers' experts do not run in
+    float64: the check is PEFT's merged weights.)"""
+    root = tmp_path
+    build(model_type).double().save_pretrained(str(root / "base"))
+    make_adapter(model_type, root / "fused")
+    plan = json.loads(run_cli("merge", root / "base", root / "fused", root / "x", "--dry-run", "--json").stdout)
+    merged = [t for tensors in plan["shards"].values() for t in tensors if t["action"] == "merge"]
+    assert merged and {t["kernel"] for t in merged} == {"torch"}
+    experts = [t for t in merged if ".experts." in t["name"]]
+    assert all(any("lora_A.weight[" in f for f in t["feeds"]) for t in experts)
+    changed = assert_merge_is_peft(model_type, root, root / "fused", "f64", run=False)
+    assert len(changed) == 2 * (2 + (2 if model_type == "gpt_oss" else 4 * 3))
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
@@ -170,10 +194,13 @@ def test_other_commands_refuse_fused_experts(family, tmp_path, command):
 
 def test_per_expert_v4_adapter_merges(family):
     """A transformers 4 adapter names each expert's Linear (as checkpoints do). transformers 5 has no
-    such modules, so it is built from the definition: every on-disk expert weight gets s·B@A."""
+    such modules, so it is built from the definition: every on-disk expert weight gets s·B@A.
+    (gpt_oss never had per-expert modules.)"""
     from safetensors.torch import save_file
 
     model_type, root = family
+    if model_type not in PER_EXPERT_ON_DISK:
+        pytest.skip("gpt_oss checkpoints never had per-expert tensors")
     base = merged_tensors(root / "base")
     experts = sorted(k for k in base if ".experts.0." in k and k.endswith(".weight"))
     assert experts, sorted(base)[:10]

@@ -47,14 +47,16 @@ class Workspace:
 def merge_tensor(plan: MergePlan, ops: TensorOps, base: np.ndarray, in_dtype: str, out_dtype: str,
                  writer, name: str, work: Workspace) -> None:
     """Queue the merged tensor on `writer` (its `begin` already called). base: the stored
-    values (bf16 as uint16 bits), shape (rows, cols), read-only."""
-    products = []  # (s·L, R): ΔW = s·L@R in the base tensor's own orientation
+    values (bf16 as uint16 bits), shape (rows, cols) — or (E, d1, d2), all experts, seen as
+    (E·d1, d2) — read-only."""
+    base = base.reshape(-1, base.shape[-1])
+    products = []  # (s·L, R, first row): ΔW = s·L@R in the base tensor's own orientation, from that row
     for module in ops.modules:
         a, b = (x.astype(np.float32, copy=False) for x in plan.adapter.factor_arrays(module.path))
         s = np.float32(module.scaling * plan.scale)
         # a transposed layout holds ΔW as (B@A).T = A.T @ B.T
         left, right = (a.T, b.T) if module.layout.transposed else (b, a)
-        products.append((np.ascontiguousarray(left * s), np.ascontiguousarray(right)))
+        products.append((np.ascontiguousarray(left * s), np.ascontiguousarray(right), module.first_row))
     with np.errstate(all="ignore"):  # overflow is found and refused explicitly (_round_into), not warned about
         _merge_blocks(products, base, in_dtype, out_dtype, writer, name, work)
 
@@ -78,9 +80,11 @@ def _merge_blocks(products, base: np.ndarray, in_dtype: str, out_dtype: str, wri
         else:
             np.copyto(block, base[start:stop])
         product = work.get("product", np.float32, shape)
-        for left, right in products:
-            np.matmul(left[start:stop], right, out=product)
-            block += product
+        for left, right, first in products:  # rows lo:hi of this block are rows of ΔW
+            lo, hi = max(start, first), min(stop, first + left.shape[0])
+            if lo < hi:
+                np.matmul(left[lo - first: hi - first], right, out=product[lo - start: hi - start])
+                block[lo - start: hi - start] += product[lo - start: hi - start]
         target = writer.buffer(shape[0] * cols * np.dtype(out_type).itemsize).view(out_type).reshape(shape)
         _round_into(block, target, out_dtype, work.get("bits", np.uint32, shape), name)
         writer.write(target, slot=True)

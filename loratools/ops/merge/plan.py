@@ -226,9 +226,6 @@ def _place_experts(base: Checkpoint, adapter: Adapter, mapper: BaseNameMapper, e
         raise ShapeError(f"module {expert.path}: {layout.name} experts have no such parameter (or its parts do not "
                          f"divide its {d1} rows)", code="base-missing-module")
     for place in places:
-        if place.stacked:
-            raise UnsupportedError(f"module {expert.path}: the base stores the experts fused ({layout.name}); loratools "
-                                   "merges fused-experts LoRA into per-expert checkpoints only", code="fused-experts")
         what = f"module {expert.path}, expert {place.expert}"
         name = next(filter(None, (mapper.find(n, what, required=False) for n in place.names)), None)
         if name is None:
@@ -237,9 +234,10 @@ def _place_experts(base: Checkpoint, adapter: Adapter, mapper: BaseNameMapper, e
         info = base.info(name)
         if unmergeable_dtype(info):
             raise UnsupportedError(f"{what}: base {name} is {unmergeable_dtype(info)}", code="base-dtype")
-        module = adapter.expert_slice(expert, place.expert, place.rows, layout.transposed)
-        if tuple(info.shape) != module.weight_shape:
-            raise ShapeError(f"{what}: adapter expects {name} of shape {list(module.weight_shape)} (rows "
+        module = adapter.expert_slice(expert, place.expert, place.rows, layout.transposed, stacked=place.stacked)
+        want = (expert.num_experts, d1, d2) if place.stacked else module.weight_shape
+        if tuple(info.shape) != want:
+            raise ShapeError(f"{what}: adapter expects {name} of shape {list(want)} (rows "
                              f"{place.rows[0]}:{place.rows[1]} of the expert's {[d1, d2]} in {expert.path}), "
                              f"base has {list(info.shape)}", code="base-shape")
         ops.setdefault(name, TensorOps()).modules.append(module)
@@ -315,11 +313,11 @@ def _output(base: Checkpoint, ops: dict[str, TensorOps], name: str, source: str,
 
 
 def kernel_for(op: TensorOps, held: str, dtype: str, shape: tuple[int, ...], device: str) -> str:
-    """numpy for additive low-rank updates of a 2-D bf16/f16/f32 weight on CPU (torch is never
-    imported for them); torch for everything else (DoRA, KaSA, rows, lora_bias, replacements,
-    other dtypes, a GPU)."""
+    """numpy for additive low-rank updates of a 2-D bf16/f16/f32 weight on CPU (or of one storing
+    all experts, (E, d1, d2), seen as (E·d1, d2)), torch never imported for them; torch for
+    everything else (DoRA, KaSA, rows, lora_bias, replacements, other dtypes, a GPU)."""
     numpy = (
-        device == "cpu" and held in HELD and dtype in HELD and len(shape) == 2
+        device == "cpu" and held in HELD and dtype in HELD and (len(shape) == 2 or all(m.expert for m in op.modules))
         and bool(op.modules) and op.replace_key is None and not op.rows and not op.lora_biases
         and all(m.diag_key is None and m.magnitude_key is None for m in op.modules)
     )
