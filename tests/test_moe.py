@@ -241,3 +241,22 @@ def test_without_a_model_type_merge_refuses(tmp_path):
     result = run_cli("merge", tmp_path / "base", tmp_path / "ad", tmp_path / "out")
     assert_clean_error(result, "fused MoE experts")
     shutil.rmtree(tmp_path / "base")
+
+
+def test_svd_per_expert_is_peft_delta(tmp_path):
+    """svd gives one row per expert with the singular values of PEFT's own ΔW_e (get_delta_weight),
+    and summarises each expert role over the experts."""
+    model_type = "qwen3_moe"
+    model = make_adapter(model_type, tmp_path / "ad", target_modules=["q_proj"])
+    report = json.loads(run_cli("svd", tmp_path / "ad", "--json").stdout)
+    rows = {m["name"]: m for m in report["modules"]}
+    wrapper = model.base_model.model.model.layers[1].mlp.experts  # PEFT's outer wrapper: down_proj
+    for parameter, layer in (("down_proj", wrapper), ("gate_up_proj", wrapper.base_layer)):
+        delta = layer.get_delta_weight("default").double()
+        for e in range(4):
+            row = rows[f"model.layers.1.mlp.experts.{parameter}[{e}]"]
+            assert row["expert"] == e and row["rank"] == 2
+            expected = torch.linalg.svdvals(delta[e])[:2].tolist()
+            assert row["singular_values"] == pytest.approx(expected, rel=1e-5)
+    assert report["summary"]["by_role"]["expert_down"]["modules"] == 2 * 4
+    assert report["summary"]["by_role"]["expert_gate_up"]["modules"] == 2 * 4
