@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .arch import Detection, Layout, Role, detect_from_paths, locate
 from .arch import experts as moe
@@ -191,6 +192,9 @@ class Adapter:
         self.variant_keys: list[str] = []  # tensors of a LoRA variant beyond A and B (not merged)
         self.experts: dict[str, ExpertModule] = {}  # fused-experts LoRA (target_parameters), by parameter path
         self.expert_slices: dict[str, LoraModule] = {}  # their per-tensor views, made by merge's plan (expert_slice)
+        # The last fused factors read: the E (or 2·E) slices of one fused module are merged one after
+        # the other, each would otherwise read the whole fused A and B again (E² reads a layer).
+        self._fused: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.detection: Detection = Detection(None, reason="not detected")
         self._parse()
 
@@ -533,14 +537,23 @@ class Adapter:
         """(A, B) as stored: A (r, in), B (out, r) — embeddings: A (r, num), B (dim, r); an expert
         slice's cut out of the fused factors."""
         module = self.module(path)
-        a, b = self.tensors.get(module.a_key), self.tensors.get(module.b_key)
-        return module.expert.cut(a, b) if module.expert else (a, b)
+        if module.expert:
+            return module.expert.cut(self._fused_factor("tensor", module.a_key), self._fused_factor("tensor", module.b_key))
+        return self.tensors.get(module.a_key), self.tensors.get(module.b_key)
 
     def factor_arrays(self, path: str):
         """factors() as numpy arrays, read without importing torch (bf16 widened to float32)."""
         module = self.module(path)
-        a, b = self.tensors.array(module.a_key), self.tensors.array(module.b_key)
-        return module.expert.cut(a, b) if module.expert else (a, b)
+        if module.expert:
+            return module.expert.cut(self._fused_factor("array", module.a_key), self._fused_factor("array", module.b_key))
+        return self.tensors.array(module.a_key), self.tensors.array(module.b_key)
+
+    def _fused_factor(self, kind: str, key: str):
+        if (kind, key) not in self._fused:
+            self._fused[(kind, key)] = self.tensors.array(key) if kind == "array" else self.tensors.get(key)
+            while len(self._fused) > 4:  # the A and B of two fused modules (numpy and torch kernels)
+                self._fused.popitem(last=False)
+        return self._fused[(kind, key)]
 
     def delta(self, path: str, device: "torch.device | str | None" = None) -> "torch.Tensor":
         """ΔW = s·B@A in float32, in the base weight's own orientation (transposed for Conv1D

@@ -168,7 +168,7 @@ def _check_config_fields(raw: dict, add) -> AdapterConfig | None:
 
 def _check_config_against_weights(adapter: Adapter, add) -> None:
     cfg = adapter.config
-    paths = list(adapter.modules)
+    paths = [*adapter.modules, *adapter.experts]  # (a fused-experts module's patterns match its parameter's path)
     for name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(cfg, name):
             if not any(pattern_value({key: 1}, p, None) is not None for p in paths):
