@@ -174,7 +174,31 @@ def test_validate_checks_experts_against_the_base(family, tmp_path):
     assert result.returncode != 0 and "base-shape" in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("command", ["resize", "convert", "convert --to-lora", "combine", "export"])
+def test_convert_to_lora_folds_the_experts_scaling(tmp_path):
+    """convert --to-lora on fused experts: s folded into B (every expert's columns), alpha = r; PEFT
+    loads the result as the same model, and merge gives the same weights."""
+    from peft import PeftModel
+
+    model_type = "qwen3_moe"
+    build(model_type).save_pretrained(str(tmp_path / "base"))
+    make_adapter(model_type, tmp_path / "ad", use_rslora=True)
+    result = run_cli("convert", tmp_path / "ad", tmp_path / "plain", "--to-lora")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 2 and not config["use_rslora"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = logits(PeftModel.from_pretrained(build(model_type), str(tmp_path / "ad")).eval())
+        after = logits(PeftModel.from_pretrained(build(model_type), str(tmp_path / "plain")).eval())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    for name in ("ad", "plain"):
+        assert run_cli("merge", tmp_path / "base", tmp_path / name, tmp_path / f"out-{name}").returncode == 0
+    ours, theirs = merged_tensors(tmp_path / "out-plain"), merged_tensors(tmp_path / "out-ad")
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("command", ["resize", "convert", "combine", "export"])
 def test_other_commands_refuse_fused_experts(family, tmp_path, command):
     """One line naming what is unsupported, no output written."""
     model_type, root = family
@@ -184,7 +208,6 @@ def test_other_commands_refuse_fused_experts(family, tmp_path, command):
     args = {
         "resize": ["resize", root / "fused", out, "--rank", "1"],
         "convert": ["convert", root / "fused", out, "--to", "llama"],
-        "convert --to-lora": ["convert", root / "fused", out, "--to-lora"],
         "combine": ["combine", root / "fused", root / "fused", "--out", out],
         "export": ["export", root / "fused", out.with_suffix(".gguf"), "--base-arch", "llama"],
     }[command]
