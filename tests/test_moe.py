@@ -198,7 +198,28 @@ def test_convert_to_lora_folds_the_experts_scaling(tmp_path):
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("command", ["resize", "convert", "combine", "export"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_resize_truncates_each_expert(model_type, tmp_path):
+    """resize --rank 1 on fused experts: every expert's ΔW_e becomes its best rank-1 approximation
+    (PEFT loads the result; its get_delta_weight per expert is the truncated SVD of the original's)."""
+    from peft import PeftModel
+
+    model = make_adapter(model_type, tmp_path / "ad", target_modules=["q_proj"])
+    result = run_cli("resize", tmp_path / "ad", tmp_path / "small", "--rank", "1")
+    assert result.returncode == 0, result.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = PeftModel.from_pretrained(build(model_type), str(tmp_path / "small"))
+    for layer in range(2):
+        old, new = (m.base_model.model.model.layers[layer].mlp.experts for m in (model, small))
+        for wrapper_old, wrapper_new in ((old, new), (old.base_layer, new.base_layer)):
+            before, after = wrapper_old.get_delta_weight("default"), wrapper_new.get_delta_weight("default")
+            for e in range(4):
+                u, sv, vh = torch.linalg.svd(before[e].double())
+                torch.testing.assert_close(after[e].double(), sv[0] * torch.outer(u[:, 0], vh[0]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["convert", "combine", "export"])
 def test_other_commands_refuse_fused_experts(family, tmp_path, command):
     """One line naming what is unsupported, no output written."""
     model_type, root = family
@@ -206,7 +227,6 @@ def test_other_commands_refuse_fused_experts(family, tmp_path, command):
         make_adapter(model_type, root / "fused")
     out = tmp_path / "out"
     args = {
-        "resize": ["resize", root / "fused", out, "--rank", "1"],
         "convert": ["convert", root / "fused", out, "--to", "llama"],
         "combine": ["combine", root / "fused", root / "fused", "--out", out],
         "export": ["export", root / "fused", out.with_suffix(".gguf"), "--base-arch", "llama"],
