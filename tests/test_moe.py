@@ -163,6 +163,9 @@ def test_validate_checks_experts_against_the_base(family, tmp_path):
         make_adapter(model_type, root / "fused")
     result = run_cli("validate", root / "fused", "--base", root / "base")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "rank-mismatch" not in result.stdout
+    served = run_cli("validate", root / "fused", "--target", "vllm", "--strict")
+    assert served.returncode != 0 and "target-experts" in served.stdout, served.stdout
     # a base with other expert sizes: the shape through the mapping is reported, with a stable code
     from transformers import AutoConfig, AutoModelForCausalLM
 
