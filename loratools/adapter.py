@@ -284,7 +284,8 @@ class Adapter:
         """{saved module path: the parameter path} for PEFT ParamWrappers (target_parameters). PEFT
         wraps a module's targeted parameters in registration order, each wrapper around the last, so
         the first is saved deepest: `experts.base_layer.lora_A` (gate_up_proj), `experts.lora_A` (down_proj)."""
-        targets = [t for t in self.config.raw.get("target_parameters") or [] if isinstance(t, str)]
+        listed = self.config.raw.get("target_parameters")
+        targets = [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
         if not targets:
             return {}
         order = moe.parameter_order(self.model_type)

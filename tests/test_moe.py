@@ -306,3 +306,24 @@ def test_svd_per_expert_is_peft_delta(tmp_path):
             assert row["singular_values"] == pytest.approx(expected, rel=1e-5)
     assert report["summary"]["by_role"]["expert_down"]["modules"] == 2 * 4
     assert report["summary"]["by_role"]["expert_gate_up"]["modules"] == 2 * 4
+
+
+def test_fused_expert_factors_that_are_not_r_times_e(tmp_path):
+    """A (r·E, in) and B (out, r·E) are checked against the resolved r: a stable code, not the
+    plain modules' rank-mismatch."""
+    from safetensors.torch import save_file
+
+    key = "base_model.model.model.layers.0.mlp.experts.lora_{}.weight"
+    for name, rows in (("good", 8), ("bad", 7)):
+        (tmp_path / name).mkdir()
+        save_file({key.format("A"): torch.ones(rows, 16), key.format("B"): torch.ones(24, rows)},
+                  str(tmp_path / name / "adapter_model.safetensors"))
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": [],
+            "target_parameters": ["mlp.experts.down_proj"]}))
+    info = json.loads(run_cli("info", tmp_path / "good", "--json").stdout)
+    assert [(e["name"], e["experts"], e["rank"]) for e in info["experts"]] == [("model.layers.0.mlp.experts.down_proj", 4, 2)]
+    result = run_cli("validate", tmp_path / "bad")
+    assert result.returncode == 1 and "expert-rank" in result.stdout and "rank-mismatch" not in result.stdout
+    build("qwen3_moe").save_pretrained(str(tmp_path / "base"))
+    assert_clean_error(run_cli("merge", tmp_path / "base", tmp_path / "bad", tmp_path / "out"), "for the fused experts")
