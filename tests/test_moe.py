@@ -35,16 +35,17 @@ def build(model_type: str):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def make_adapter(model_type: str, path, target_parameters=EXPERTS, target_modules=("q_proj", "v_proj"), **extra):
+def make_adapter(model_type: str, path, target_parameters=EXPERTS, target_modules=("q_proj", "v_proj"), seed=1, r=2,
+                 lora_alpha=6, **extra):
     """A PEFT adapter on a fresh base, every factor random (fixed seed): B is zero at init."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=2, lora_alpha=6, target_modules=list(target_modules), target_parameters=list(target_parameters),
-                        **extra)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules),
+                        target_parameters=list(target_parameters), **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(build(model_type), config)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -222,7 +223,7 @@ def test_resize_truncates_each_expert(model_type, tmp_path):
                 torch.testing.assert_close(after[e].double(), sv[0] * torch.outer(u[:, 0], vh[0]), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("command", ["convert", "combine", "export"])
+@pytest.mark.parametrize("command", ["convert", "export"])
 def test_other_commands_refuse_fused_experts(family, tmp_path, command):
     """One line naming what is unsupported, no output written."""
     model_type, root = family
@@ -231,7 +232,6 @@ def test_other_commands_refuse_fused_experts(family, tmp_path, command):
     out = tmp_path / "out"
     args = {
         "convert": ["convert", root / "fused", out, "--to", "llama"],
-        "combine": ["combine", root / "fused", root / "fused", "--out", out],
         "export": ["export", root / "fused", out.with_suffix(".gguf"), "--base-arch", "llama"],
     }[command]
     assert_clean_error(run_cli(*args), "fused MoE expert")
