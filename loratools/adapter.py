@@ -501,7 +501,7 @@ class Adapter:
             raise UnsupportedError(
                 f"cannot {operation} {self.source or 'the adapter'}: it has LoRA on fused MoE expert parameters "
                 f"(target_parameters: {len(self.experts)}, e.g. {first}); loratools {operation} does not support them "
-                "(merge, info, validate and svd do)", code="fused-experts")
+                "(merge, info, validate, svd, resize, combine and convert --to-lora do)", code="fused-experts")
         if self.unknown_keys:
             more = f" (and {len(self.unknown_keys) - 1} more)" if len(self.unknown_keys) > 1 else ""
             reasons.append(f"tensor {self.unknown_keys[0]!r}{more} is not part of a LoRA adapter loratools knows; "

@@ -143,3 +143,11 @@ def test_combine_refuses_different_expert_parameters(pair, tmp_path):
     result = run_cli("combine", root / "one", tmp_path / "down", "--out", tmp_path / "out")
     assert_clean_error(result, "different fused MoE expert parameters")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["llama", "gpt2"])
+def test_convert_to_a_scheme_says_it_has_no_fused_experts(pair, tmp_path, target):
+    root, _, _ = pair
+    result = run_cli("convert", root / "one", tmp_path / "out", "--to", target)
+    assert_clean_error(result, "naming schemes have no fused experts", f"to {target} names")
+    assert not (tmp_path / "out").exists()
