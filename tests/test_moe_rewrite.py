@@ -151,3 +151,75 @@ def test_convert_to_a_scheme_says_it_has_no_fused_experts(pair, tmp_path, target
     result = run_cli("convert", root / "one", tmp_path / "out", "--to", target)
     assert_clean_error(result, "naming schemes have no fused experts", f"to {target} names")
     assert not (tmp_path / "out").exists()
+
+
+def fine_tune(model_type, root, seed=5):
+    """BASE and a FINETUNED that differs in q_proj and every expert weight (not the router or biases),
+    both saved by transformers."""
+    model = build(model_type)
+    model.save_pretrained(str(root / "base"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj", "q_proj.weight")):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.save_pretrained(str(root / "ft"))
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_extract_full_rank_experts_is_the_fine_tune_in_peft(model_type, tmp_path):
+    """Per-expert (or gpt_oss fused) checkpoint differences become LoRA on the fused expert
+    parameters, which PEFT loads on transformers 5: at full rank the PEFT model is the fine-tune."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_moe import logits
+
+    tuned = fine_tune(model_type, tmp_path)
+    result = run_cli("extract", tmp_path / "base", tmp_path / "ft", tmp_path / "ex", "--rank", "64", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert not report["not_extracted"], report["not_extracted"]
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in range(LAYERS)
+                                           for p in ("down_proj", "gate_up_proj")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ex")).eval()
+    for (layer, parameter), w in wrappers(peft_model).items():
+        assert w.parameter_name == parameter and w.lora_A["default"].weight.shape[0] % E == 0
+    torch.testing.assert_close(logits(peft_model), logits(tuned.eval()), rtol=1e-4, atol=1e-5)
+
+
+def test_extract_low_rank_is_each_experts_truncated_svd(tmp_path):
+    """--rank 1: PEFT's ΔW_e of every expert is the best rank-1 approximation of its difference
+    (gate and up joined, as transformers joins them into gate_up_proj)."""
+    from safetensors.torch import load_file
+
+    fine_tune("qwen3_moe", tmp_path)
+    assert run_cli("extract", tmp_path / "base", tmp_path / "ft", tmp_path / "ex", "--rank", "1", "--exact").returncode == 0
+    base, ft = (load_file(str(tmp_path / side / "model.safetensors")) for side in ("base", "ft"))
+    got = deltas(load("qwen3_moe", tmp_path / "ex"))
+    for (layer, parameter), delta in got.items():
+        for e in range(E):
+            name = f"model.layers.{layer}.mlp.experts.{e}."
+            parts = ["gate_proj", "up_proj"] if parameter == "gate_up_proj" else ["down_proj"]
+            d = torch.cat([(ft[f"{name}{p}.weight"] - base[f"{name}{p}.weight"]).double() for p in parts])
+            u, s, vh = torch.linalg.svd(d)
+            torch.testing.assert_close(delta[e], s[0] * torch.outer(u[:, 0], vh[0]), rtol=1e-4, atol=1e-6)
+
+
+def test_extract_energy_pads_experts_to_one_rank(tmp_path):
+    """--energy: one rank per parameter, the largest any expert needs; each expert's own part is
+    its rank-k_e approximation (the rest zero)."""
+    fine_tune("qwen3_moe", tmp_path)
+    result = run_cli("extract", tmp_path / "base", tmp_path / "ft", tmp_path / "ex", "--energy", "0.9", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {m["name"]: m for m in json.loads(result.stdout)["modules"]}
+    for (layer, parameter), w in wrappers(load("qwen3_moe", tmp_path / "ex")).items():
+        k = w.lora_A["default"].weight.shape[0] // E
+        experts = [rows[f"model.layers.{layer}.mlp.experts.{parameter}[{e}]"] for e in range(E)]
+        assert {m["rank"] for m in experts} == {k} and min(m["retained_energy"] for m in experts) >= 0.9
