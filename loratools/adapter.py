@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .arch import Detection, Layout, Role, detect_from_paths, locate
+from .arch import experts as moe
 from .config import AdapterConfig, variant_refusals
 from .errors import ConfigError, FormatError, LoraToolsError, ShapeError, UnsupportedError
 from .formats.dtypes import FLOAT_NAMES as FLOAT_DTYPES
@@ -63,6 +65,7 @@ class LoraModule:
     base_bias_key: str | None = None  # bias="lora_only"/"all": replaces the base bias
     base_weight_key: str | None = None  # saved full embedding: replaces the base weight
     diag_key: str | None = None  # KaSA: ΔW = s·B·diag(d)·A
+    expert: "ExpertSlice | None" = None  # one expert's part of a fused-experts module (merge's per-tensor view)
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -74,6 +77,67 @@ class LoraModule:
     @property
     def num_lora_params(self) -> int:
         return self.rank * (self.in_features + self.out_features)
+
+    @property
+    def first_row(self) -> int:
+        """The row of the base tensor's (rows, last dim) view where ΔW starts: 0 but for one expert
+        of a tensor that stores all experts (its ΔW covers weight_shape[0] rows from there)."""
+        return self.expert.first_row if self.expert else 0
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """The part of a fused-experts module's factors one on-disk tensor takes: expert `expert`'s
+    rank-r block (A's rows e·r…(e+1)·r, B's columns e, e+E, … — PEFT reshapes B to (out, r, E)),
+    cut to `a_cols` of A or `b_rows` of B (a part such as gate out of gate_up)."""
+
+    parameter: str  # the ExpertModule's path
+    expert: int
+    num_experts: int
+    rank: int
+    a_cols: tuple[int, int] | None = None
+    b_rows: tuple[int, int] | None = None
+    first_row: int = 0  # where its ΔW starts in the base tensor's (rows, last dim) view: e·d1 in a fused (E, d1, d2) tensor
+
+    def cut(self, a, b):
+        """(A_e, B_e) of stored (A, B), numpy arrays or torch tensors."""
+        e, r, n = self.expert, self.rank, self.num_experts
+        a, b = a[e * r: (e + 1) * r], b[:, e::n]
+        if self.a_cols:
+            a = a[:, self.a_cols[0]: self.a_cols[1]]
+        if self.b_rows:
+            b = b[self.b_rows[0]: self.b_rows[1]]
+        return a, b
+
+
+@dataclass
+class ExpertModule:
+    """LoRA on a fused 3-D experts parameter (E, d1, d2): PEFT's ParamWrapper (`target_parameters`),
+    saved as A (r·E, in) and B (out, r·E) under the experts module's path (with one ".base_layer" per
+    wrapper nested inside: PEFT wraps the module's parameters in registration order). Expert e's
+    ΔW_e = s·B_e·A_e (ExpertSlice.cut), the (d1, d2) slice itself — or its transpose where the
+    family stores (E, in, out) (arch/experts.py `transposed`)."""
+
+    path: str  # the parameter in memory: "model.layers.0.mlp.experts.gate_up_proj"
+    module: str  # the path its keys are saved under: "model.layers.0.mlp.experts.base_layer"
+    num_experts: int
+    rank: int  # per expert
+    alpha: float
+    scaling: float
+    a_key: str
+    b_key: str
+    in_features: int  # A's width
+    out_features: int  # B's height
+    role: Role | None = None
+    layer: int | None = None
+
+    def expert_shape(self, transposed: bool) -> tuple[int, int]:
+        """(d1, d2): one expert's slice of the parameter."""
+        return (self.in_features, self.out_features) if transposed else (self.out_features, self.in_features)
+
+    @property
+    def num_lora_params(self) -> int:
+        return self.rank * self.num_experts * (self.in_features + self.out_features)
 
 
 @dataclass(frozen=True)
@@ -126,6 +190,11 @@ class Adapter:
         self.trainable_tokens: list[TrainableTokens] = []
         self.unknown_keys: list[str] = []
         self.variant_keys: list[str] = []  # tensors of a LoRA variant beyond A and B (not merged)
+        self.experts: dict[str, ExpertModule] = {}  # fused-experts LoRA (target_parameters), by parameter path
+        self.expert_slices: dict[str, LoraModule] = {}  # their per-tensor views, made by merge's plan (expert_slice)
+        # The last fused factors read: the E (or 2·E) slices of one fused module are merged one after
+        # the other, each would otherwise read the whole fused A and B again (E² reads a layer).
+        self._fused: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.detection: Detection = Detection(None, reason="not detected")
         self._parse()
 
@@ -161,11 +230,14 @@ class Adapter:
                 self.variant_keys.append(key)
             else:
                 plain.append(key)
-        lora_paths = [p for p, ps in parts.items() if _factor_parts(ps)]
+        wrapped = self._wrapped_parameters([p for p, ps in parts.items() if _factor_parts(ps)])
+        lora_paths = [p for p, ps in parts.items() if _factor_parts(ps) and p not in wrapped]
         extra_paths = [k[len(PREFIX) :].rsplit(".", 1)[0] for k in plain]
         self.detection = detect_from_paths(lora_paths, self.config.base_model_class, extra_paths, model_type=self.model_type)
         for path, ps in parts.items():
-            if _factor_parts(ps):
+            if path in wrapped:
+                self._build_expert(path, wrapped[path], ps)
+            elif _factor_parts(ps):
                 module = self._build_module(path, ps)
                 if module is not None:
                     self.modules[path] = module
@@ -207,6 +279,83 @@ class Adapter:
             self._problem(None, ConfigError(
                 "adapter_config.json says use_dora but the weights have no lora_magnitude_vector", code="dora-mismatch"
             ))
+
+    def _wrapped_parameters(self, paths: list[str]) -> dict[str, str]:
+        """{saved module path: the parameter path} for PEFT ParamWrappers (target_parameters). PEFT
+        wraps a module's targeted parameters in registration order, each wrapper around the last, so
+        the first is saved deepest: `experts.base_layer.lora_A` (gate_up_proj), `experts.lora_A` (down_proj)."""
+        listed = self.config.raw.get("target_parameters")
+        targets = [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
+        if not targets:
+            return {}
+        order = moe.parameter_order(self.model_type)
+        found = {}
+        for path in paths:
+            module, depth = path, 0
+            while module.endswith(".base_layer"):
+                module, depth = module[: -len(".base_layer")], depth + 1
+            names = {t.rpartition(".")[2] for t in targets
+                     if f"{module}.{t.rpartition('.')[2]}" == t or f"{module}.{t.rpartition('.')[2]}".endswith("." + t)}
+            ordered = [n for n in order if n in names] + sorted(names - set(order))
+            if depth < len(ordered) and not (ordered == ["weight"] and depth == 0):
+                # (a module's own 2-D weight alone, e.g. a v5 router, is an nn.Linear LoRA: a plain module)
+                found[path] = f"{module}.{ordered[len(ordered) - 1 - depth]}"
+        return found
+
+    def _build_expert(self, path: str, parameter: str, ps: dict[str, str]) -> None:
+        a_part, b_part = FACTOR_PARTS[False]
+        if a_part not in ps or b_part not in ps:
+            have, missing = (a_part, b_part) if a_part in ps else (b_part, a_part)
+            return self._problem(path, ShapeError(f"module {path}: {have} has no matching {missing}", code="orphan-factor"))
+        a, b = self.tensors.meta(ps[a_part]), self.tensors.meta(ps[b_part])
+        if any(m.dtype not in FLOAT_DTYPES or len(m.shape) != 2 or 0 in m.shape for m in (a, b)):
+            return self._problem(path, ShapeError(
+                f"module {path} ({parameter}): lora_A {a.dtype}{list(a.shape)} and lora_B {b.dtype}{list(b.shape)} "
+                "must be 2-D floating point", code="unsharded-factor"))
+        rank = self.config.rank_for(parameter)
+        if a.shape[0] != b.shape[1] or a.shape[0] % rank:
+            return self._problem(path, ShapeError(
+                f"module {path} ({parameter}): lora_A {list(a.shape)} and lora_B {list(b.shape)} are not r·E = "
+                f"{rank}·E for the fused experts (r={rank} from the config)", code="expert-rank"))
+        if a.shape[0] == rank:
+            return self._problem(path, UnsupportedError(
+                f"module {path}: target_parameters on {parameter} with one expert (a 2-D parameter); "
+                "loratools merges fused 3-D expert parameters only", code="fused-experts"))
+        found = re.search(r"\.(\d+)\.", parameter)
+        leaf = parameter.rpartition(".")[2]
+        roles = {p.name: p.role for layout in moe.LAYOUTS for p in layout.parameters}
+        self.experts[parameter] = ExpertModule(
+            path=parameter, module=path, num_experts=a.shape[0] // rank, rank=rank,
+            alpha=self.config.alpha_for(parameter), scaling=self.config.scaling_for(parameter),
+            a_key=ps[a_part], b_key=ps[b_part], in_features=a.shape[1], out_features=b.shape[0],
+            role=roles.get(leaf), layer=int(found[1]) if found else None,
+        )
+        stray = sorted(set(ps) - {a_part, b_part})
+        if stray:
+            self._problem(path, ShapeError(f"module {path}: fused-experts LoRA with {', '.join(stray)} "
+                                           "(PEFT's ParamWrapper saves only lora_A/lora_B)", code="stray-tensor"))
+
+    def expert_slice(self, expert: ExpertModule, index: int, rows: tuple[int, int], transposed: bool,
+                     stacked: bool = False) -> LoraModule:
+        """The plain LoRA module that expert `index`'s rows `rows` of its (d1, d2) slice are: its
+        factors are views of the fused ones (factors() cuts them), registered under a path of its own.
+        stacked: the base tensor holds every expert, (E, d1, d2); this one's rows start at index·d1."""
+        d1, d2 = expert.expert_shape(transposed)
+        full = rows == (0, d1)
+        cut = ExpertSlice(expert.path, index, expert.num_experts, expert.rank,
+                          a_cols=None if full or not transposed else rows, b_rows=None if full or transposed else rows,
+                          first_row=index * d1 + rows[0] if stacked else 0)
+        height = rows[1] - rows[0]
+        path = f"{expert.path}[{index}]" + ("" if full else f"[{rows[0]}:{rows[1]}]")
+        module = LoraModule(
+            path=path, embedding=False, rank=expert.rank, alpha=expert.alpha, scaling=expert.scaling,
+            a_key=expert.a_key, b_key=expert.b_key,
+            # (d1, d2) = s·B_e·A_e, an nn.Linear's (out, in); transposed: s·(B_e·A_e)ᵀ, stored as Conv1D stores (in, out)
+            in_features=height if transposed else d2, out_features=d2 if transposed else height,
+            layout=Layout.CONV1D if transposed else Layout.LINEAR, role=expert.role, layer=expert.layer, expert=cut,
+        )
+        self.expert_slices[path] = module
+        return module
 
     def _role(self, path: str) -> Role | None:
         det = self.detection
@@ -336,16 +485,23 @@ class Adapter:
             return self._problem(path, ConfigError(f"module {path}: trainable_token_indices repeats a token id", code="trainable-tokens-mismatch"))
         self.trainable_tokens.append(TrainableTokens(key, path, tuple(indices)))
 
-    def require_supported(self, operation: str, merging: bool = False, analysis: bool = False) -> None:
+    def require_supported(self, operation: str, merging: bool = False, analysis: bool = False, experts: bool = False) -> None:
         """Refuse, naming the first reason, an adapter this operation cannot reproduce exactly:
         a tensor it cannot place, or a PEFT feature whose effect is not (only) s·B·A.
-        analysis=True (svd): only what would make the spectra of s·B·A wrong."""
+        analysis=True (svd): only what would make the spectra of s·B·A wrong.
+        experts=True: the operation handles fused-experts modules (`self.experts`); others refuse them."""
         if analysis:
             reasons = variant_refusals(self.config.raw, merging=False, analysis=True)
             if reasons:
                 raise UnsupportedError(f"cannot {operation} {self.source or 'the adapter'}: {reasons[0]}", code="unsupported")
             return
         reasons = self.config.refusals(merging)
+        if self.experts and not experts:
+            first = next(iter(self.experts))
+            raise UnsupportedError(
+                f"cannot {operation} {self.source or 'the adapter'}: it has LoRA on fused MoE expert parameters "
+                f"(target_parameters: {len(self.experts)}, e.g. {first}); loratools {operation} does not support them "
+                "(merge, info, validate, svd, resize, combine and convert --to-lora do)", code="fused-experts")
         if self.unknown_keys:
             more = f" (and {len(self.unknown_keys) - 1} more)" if len(self.unknown_keys) > 1 else ""
             reasons.append(f"tensor {self.unknown_keys[0]!r}{more} is not part of a LoRA adapter loratools knows; "
@@ -374,22 +530,38 @@ class Adapter:
     def tensor(self, key: str) -> "torch.Tensor":
         return self.tensors.get(key)
 
+    def module(self, path: str) -> LoraModule:
+        """A module of the adapter, or a per-tensor view of a fused-experts one (expert_slice)."""
+        return self.modules[path] if path in self.modules else self.expert_slices[path]
+
     def factors(self, path: str) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """(A, B) as stored: A (r, in), B (out, r) — embeddings: A (r, num), B (dim, r)."""
-        module = self.modules[path]
+        """(A, B) as stored: A (r, in), B (out, r) — embeddings: A (r, num), B (dim, r); an expert
+        slice's cut out of the fused factors."""
+        module = self.module(path)
+        if module.expert:
+            return module.expert.cut(self._fused_factor("tensor", module.a_key), self._fused_factor("tensor", module.b_key))
         return self.tensors.get(module.a_key), self.tensors.get(module.b_key)
 
     def factor_arrays(self, path: str):
         """factors() as numpy arrays, read without importing torch (bf16 widened to float32)."""
-        module = self.modules[path]
+        module = self.module(path)
+        if module.expert:
+            return module.expert.cut(self._fused_factor("array", module.a_key), self._fused_factor("array", module.b_key))
         return self.tensors.array(module.a_key), self.tensors.array(module.b_key)
+
+    def _fused_factor(self, kind: str, key: str):
+        if (kind, key) not in self._fused:
+            self._fused[(kind, key)] = self.tensors.array(key) if kind == "array" else self.tensors.get(key)
+            while len(self._fused) > 4:  # the A and B of two fused modules (numpy and torch kernels)
+                self._fused.popitem(last=False)
+        return self._fused[(kind, key)]
 
     def delta(self, path: str, device: "torch.device | str | None" = None) -> "torch.Tensor":
         """ΔW = s·B@A in float32, in the base weight's own orientation (transposed for Conv1D
         and embeddings)."""
         import torch
 
-        module = self.modules[path]
+        module = self.module(path)
         a, b = (t.to(device=device, dtype=torch.float32) for t in self.factors(path))
         if module.diag_key:  # KaSA
             b = b * self.tensors.get(module.diag_key).to(device=device, dtype=torch.float32)

@@ -15,9 +15,9 @@ TOP_LEVEL_KEYS = {
     "r", "lora_alpha", "scaling", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "bias", "rank_pattern",
     "alpha_pattern", "target_modules", "roles", "num_modules", "trainable_parameters", "total_parameters", "dtypes",
     "file", "modules", "extras", "unknown_keys", "family_known", "naming", "trainable_tokens", "variants", "refusals",
-    "variant_keys", "pruned_modules",
+    "variant_keys", "pruned_modules", "experts",
 }
-MODULE_KEYS = {"name", "role", "layer", "layout", "weight_shape", "rank", "alpha", "scaling", "dora", "lora_bias", "kasa"}
+MODULE_KEYS = {"name", "role", "layer", "layout", "weight_shape", "rank", "alpha", "scaling", "dora", "lora_bias", "kasa", "moe"}
 
 
 def info_json(name: str) -> dict:

@@ -82,7 +82,7 @@ def test_json_schema_and_text_report():
     report = json.loads(result.stdout)
     assert set(report) == {"schema_version", "adapter", "architecture", "dora", "thresholds", "modules", "summary"}
     assert set(report["modules"][0]) == {"name", "role", "layer", "shape", "rank", "scaling", "dora", "singular_values",
-                                         "effective_rank", "stable_rank", "energy_rank"}
+                                         "effective_rank", "stable_rank", "energy_rank", "expert"}
     assert set(report["summary"]) == {"overall", "by_role", "by_layer", "verdict"}
     c_attn = next(m for m in report["modules"] if m["name"] == "transformer.h.0.attn.c_attn")
     assert c_attn["shape"] == [16, 48] and c_attn["role"] == "attn_qkv"  # Conv1D: (in, out)

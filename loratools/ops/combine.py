@@ -8,6 +8,13 @@ separately, each input weighted by ±√|wᵢ·sᵢ|, exactly as `add_weighted_a
 `linear` is not Σ wᵢ·ΔWᵢ (cross terms), and all of them need equal ranks.
 Every output module has scaling 1 (lora_alpha = r, no rsLoRA), so the result never depends on
 quirks of the inputs' configs.
+
+Fused MoE experts (PEFT's target_parameters) are combined expert by expert, each expert's
+(A_e, B_e) treated as a module of its own by the same method, and written back in PEFT's fused
+layout at one rank for every expert (PEFT has one r per parameter): cat gives Σ rᵢ; svd the
+--rank K, or the largest rank any expert needs for --energy T, or the largest input rank.
+PEFT's own add_weighted_adapter refuses target_parameters; its methods are applied here per
+expert (ties/magnitude_prune keep the top density of each expert's factor).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..adapter import Adapter, factor_keys
+from ..adapter import Adapter, ExpertModule, factor_keys
 from ..config import with_module_ranks
 from ..errors import ShapeError, UnsupportedError, UsageError
 from ..report import Report
@@ -65,9 +72,17 @@ def combine_adapters(
     for adapter, weight in zip(adapters, weights):
         for path in adapter.modules:
             by_path[path].append((adapter, weight))
+    by_expert: dict[str, list[tuple[Adapter, float]]] = defaultdict(list)
+    for adapter, weight in zip(adapters, weights):
+        for path in adapter.experts:
+            by_expert[path].append((adapter, weight))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
     report = CombineReport(adapters=[a.source for a in adapters], method=method, weights=list(weights))
+    for path in sorted(by_expert):
+        expert = _combine_experts(path, by_expert[path], method, rank, energy, density, majority_sign, mask_fn, tensors)
+        ranks[path] = (expert.rank, expert.rank)  # alpha = r: scaling 1
+        report.modules[path] = {"rank": expert.rank, "inputs": len(by_expert[path]), "experts": expert.num_experts}
     for path in sorted(by_path):
         inputs = by_path[path]
         first = inputs[0][0].modules[path]
@@ -75,7 +90,8 @@ def combine_adapters(
         if method == "cat":
             a, b = _stacked(path, inputs)  # cat: the stacked factors are the exact sum
         elif method == "svd":
-            a, b = _svd(path, inputs, rank, energy)
+            svd = _stacked_svd(path, inputs)
+            a, b = _balanced(svd, _svd_rank([svd], [path], inputs, rank, energy))
         else:
             a, b = _peft_style(path, inputs, method, density, majority_sign, mask_fn)
         dtype = _factor_dtype(inputs[0][0], path)
@@ -90,6 +106,41 @@ def combine_adapters(
     raw = _output_config(adapters)
     raw = with_module_ranks(raw, ranks, use_rslora=False)
     return Adapter.from_tensors(raw, tensors), report
+
+
+def _combine_experts(path, inputs, method, rank, energy, density, majority_sign, mask_fn, tensors) -> ExpertModule:
+    """A fused-experts module: each expert combined as a module of its own (its per-expert view,
+    Adapter.expert_slice), at one rank k for all; written as A (k·E, in) with expert e's rows
+    e·k…, B (out, k·E) with its columns e, e+E, … (PEFT reshapes B to (out, k, E)). Returns the
+    output's ExpertModule (rank k)."""
+    first = inputs[0][0].experts[path]
+    shapes = {(a.experts[path].num_experts, a.experts[path].in_features, a.experts[path].out_features) for a, _ in inputs}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{a.source}: {a.experts[path].num_experts} experts, in={a.experts[path].in_features} "
+                           f"out={a.experts[path].out_features}" for a, _ in inputs)
+        raise ShapeError(f"module {path}: incompatible fused experts across adapters ({detail})")
+    n = first.num_experts
+    for adapter, _ in inputs:  # register each input's per-expert views, under the same path in every input
+        views = [adapter.expert_slice(adapter.experts[path], e, (0, first.out_features), transposed=False).path
+                 for e in range(n)]
+    if method == "cat":
+        pairs = [_stacked(view, inputs) for view in views]
+    elif method == "svd":
+        svds = [_stacked_svd(view, inputs) for view in views]
+        k = _svd_rank(svds, views, inputs, rank, energy)
+        pairs = [_balanced(svd, k) for svd in svds]
+    else:
+        pairs = [_peft_style(view, inputs, method, density, majority_sign, mask_fn) for view in views]
+    k = pairs[0][0].shape[0]
+    a_dtype, b_dtype = (getattr(torch, inputs[0][0].tensors.meta(key).dtype) for key in (first.a_key, first.b_key))
+    a_out = torch.empty((k * n, first.in_features), dtype=a_dtype)
+    b_out = torch.empty((first.out_features, k * n), dtype=b_dtype)
+    for e, (a, b) in enumerate(pairs):
+        a_out[e * k: (e + 1) * k], b_out[:, e::n] = a.to(a_dtype), b.to(b_dtype)
+    tensors[first.a_key], tensors[first.b_key] = a_out, b_out
+    return ExpertModule(path=path, module=first.module, num_experts=n, rank=k, alpha=k, scaling=1.0,
+                        a_key=first.a_key, b_key=first.b_key, in_features=first.in_features,
+                        out_features=first.out_features, role=first.role, layer=first.layer)
 
 
 def _factor_dtype(adapter: Adapter, path: str) -> torch.dtype:
@@ -111,7 +162,12 @@ def _check_inputs(adapters, method, weights, rank, energy, density, majority_sig
     if not all(math.isfinite(w) for w in weights):
         raise UsageError(f"--weights must be finite numbers, got {', '.join(map(str, weights))}")
     for adapter in adapters:
-        adapter.require_supported("combine")
+        adapter.require_supported("combine", experts=True)
+    fused = {tuple(sorted(_target_parameters(a))) for a in adapters if a.experts}
+    if len(fused) > 1:
+        raise ShapeError("the adapters put LoRA on different fused MoE expert parameters "
+                         f"({' vs '.join(map(str, sorted(fused)))}): PEFT nests one wrapper per parameter, so one adapter "
+                         "needs one target_parameters list", code="fused-experts")
     if (rank is not None or energy is not None) and method != "svd":
         raise UsageError("--rank and --energy apply to --method svd only")
     check_rank_or_energy(rank, energy, required=False)
@@ -159,31 +215,40 @@ def _stacked(path: str, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     wᵢ·sᵢ goes into A, as PEFT's cat does."""
     a_parts, b_parts = [], []
     for adapter, weight in inputs:
-        module = adapter.modules[path]
+        module = adapter.module(path)
         a, b = adapter.factors(path)
         a_parts.append(a.float() * (weight * module.scaling))
         b_parts.append(b.float())
     return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
 
 
-def _svd(path, inputs, rank, energy):
+def _stacked_svd(path, inputs):
     a, b = _stacked(path, inputs)
-    svd = factored_svd(b, a, 1.0, vectors=True, name=path)
+    return factored_svd(b, a, 1.0, vectors=True, name=path)
+
+
+def _svd_rank(svds, paths, inputs, rank, energy) -> int:
+    """One rank for all `svds` (a module's, or every expert's of a fused module): --rank, or the
+    largest that --energy needs, or the largest input rank; at most the stacked rank."""
     if energy is not None:
-        k = max(1, energy_rank([float(x) for x in svd.s], energy))
+        k = max(max(1, energy_rank([float(x) for x in svd.s], energy)) for svd in svds)
     else:
-        k = rank if rank is not None else max(adapter.modules[path].rank for adapter, _ in inputs)
-    return tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in balanced_factors(svd, min(k, svd.s.shape[0])))
+        k = rank if rank is not None else max(adapter.module(paths[0]).rank for adapter, _ in inputs)
+    return min(k, svds[0].s.shape[0])
+
+
+def _balanced(svd, k):
+    return tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in balanced_factors(svd, k))
 
 
 def _peft_style(path, inputs, method, density, majority_sign, mask_fn):
-    ranks = {adapter.modules[path].rank for adapter, _ in inputs}
+    ranks = {adapter.module(path).rank for adapter, _ in inputs}
     if len(ranks) > 1:
         raise ShapeError(f"module {path}: --method {method} needs equal ranks, got {sorted(ranks)}; use cat or svd")
     a_list, b_list, wa, wb = [], [], [], []
     for adapter, weight in inputs:
         a, b = adapter.factors(path)
-        ws = weight * adapter.modules[path].scaling
+        ws = weight * adapter.module(path).scaling
         sign = 1.0 if ws >= 0 else -1.0  # the sign goes on A only, or it would cancel
         wa.append(math.sqrt(abs(ws)) * sign)
         wb.append(math.sqrt(abs(ws)))
@@ -218,6 +283,11 @@ def _magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
     return t * mask.view(t.shape)
 
 
+def _target_parameters(adapter: Adapter) -> list[str]:
+    listed = adapter.config.raw.get("target_parameters")
+    return list(listed) if isinstance(listed, list) else []
+
+
 # ---- config ---------------------------------------------------------------------------------
 
 
@@ -231,6 +301,9 @@ def _output_config(adapters: Sequence[Adapter]) -> dict[str, Any]:
     else:  # a mix of names and regexes: name the modules themselves
         union = sorted({p for a in adapters for p in a.modules})
     to_save = sorted({name for a in adapters for name in a.config.modules_to_save})
+    fused = next((_target_parameters(a) for a in adapters if a.experts), None)
+    if fused is not None:
+        raw["target_parameters"] = fused
     raw.update(
         target_modules=union,
         modules_to_save=to_save or None,

@@ -70,6 +70,13 @@ def convert_adapter(
 ) -> tuple[Adapter, ConvertReport]:
     """The adapter renamed for architecture `to` (head `head`, default its first), with every
     canonical role's ΔW unchanged."""
+    if adapter.experts:  # before the generic refusal: say why renaming cannot apply to them
+        first = next(iter(adapter.experts))
+        raise UnsupportedError(
+            f"cannot convert {adapter.source or 'the adapter'} to {to} names: it has LoRA on fused MoE expert parameters "
+            f"(target_parameters, e.g. {first}), and the {', '.join(CONVERT_SCHEMES)} naming schemes have no fused "
+            "experts to rename them to (convert --to-lora, resize and combine keep them in PEFT's layout)",
+            code="fused-experts")
     adapter.require_supported("convert")
     src_name = source or adapter.architecture
     if src_name is None:

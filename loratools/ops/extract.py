@@ -33,6 +33,7 @@ from ..report import Report, plain
 from .choices import EMBEDDING_MODES
 from .lowrank import DEFAULT_MAX_RANK, SEED, check_rank_or_energy, low_rank_factors, require_finite
 from .device import resolve_device
+from .extract_experts import ExpertExtraction
 
 
 
@@ -143,9 +144,17 @@ def extract_adapter(
     conv1d = False
     generator = torch.Generator(device=dev).manual_seed(SEED)
     stores = _Stores(base, finetuned)
+    experts = ExpertExtraction((base.config or {}).get("model_type"), base.weight_map, lambda n: base.info(n).shape)
+    expert_results = []
     for name in _file_order(base):
         info = base.info(name)
         base_t, tuned_t, same = stores.pair(name)
+        slot = experts.slot(name)
+        if slot is not None and _expert_wanted(slot.parameter, experts, wanted) and not _non_float(info, finetuned, name):
+            diff = None if same else tuned_t.to(dev, torch.float32).sub_(base_t.to(dev, torch.float32))
+            expert_results += experts.add(name, diff, rank, energy, max_rank, exact, generator, _torch_dtype(dtype, info.dtype))
+            report.unchanged += same
+            continue
         if same:
             report.unchanged += 1
             continue
@@ -204,13 +213,35 @@ def extract_adapter(
         report.modules.append(
             ExtractedModule(module_path, ref.role.value, shape, k, kept, error / math.sqrt(total) if total > 0 else 0.0, method)
         )
+    fused_ranks: dict[str, tuple[int, float]] = {}
+    written = experts.write(tensors, fused_ranks)
+    for result in expert_results:
+        if result.parameter in written and result.shape:
+            k = written[result.parameter]
+            report.modules.append(ExtractedModule(
+                f"{result.parameter}[{result.expert}]", experts.params[result.parameter].fused.role.value, result.shape, k,
+                result.kept, result.error / math.sqrt(result.total) if result.total > 0 else 0.0, result.method))
+            if energy is not None and result.kept < energy * (1 - 1e-9):
+                report.energy_not_reached.append(f"{result.parameter}[{result.expert}]")
     if not report.modules and not report.saved and not report.not_extracted:
         raise ShapeError(f"{finetuned.path}: every tensor equals BASE's; there is no difference to extract "
                          "(was FINETUNED given twice, or saved before training?); nothing was written", code="no-difference")
     biases = _module_biases(report, ranks, stores, finetuned, dtype, tensors)
     raw = _config(base_name or str(base.path), ranks, to_save, conv1d, tied, biases, head)
-    adapter = Adapter.from_tensors(with_module_ranks(raw, ranks, use_rslora=False), tensors, source="extract")
+    if fused_ranks:
+        raw["target_parameters"] = sorted(fused_ranks)  # exact parameter paths, as target_modules
+    adapter = Adapter.from_tensors(with_module_ranks(raw, {**ranks, **fused_ranks}, use_rslora=False), tensors,
+                                   source="extract")
     return adapter, report
+
+
+def _expert_wanted(parameter: str, experts: ExpertExtraction, wanted: set[str] | None) -> bool:
+    """--modules picks a fused expert parameter by its role (expert_gate_up) or leaf (gate_up_proj)."""
+    return wanted is None or bool({experts.params[parameter].fused.role.value, parameter.rpartition(".")[2]} & wanted)
+
+
+def _non_float(info, finetuned: Checkpoint, name: str) -> bool:
+    return info.dtype not in FLOAT_DTYPES or finetuned.info(name).dtype not in FLOAT_DTYPES
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

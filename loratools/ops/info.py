@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,11 @@ from ..adapter import Adapter
 from ..report import Report
 
 # Fields of InfoReport that are the config's own, as parsed (AdapterConfig)
+# MoE layouts: one LoRA per expert's Linear (transformers 4's modules, as checkpoints name them), or
+# one LoRA on a fused experts parameter of all experts (transformers 5, PEFT's target_parameters).
+PER_EXPERT, FUSED_EXPERTS = "per-expert (v4)", "fused experts (v5)"
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+
 _CONFIG_FIELDS = ("base_model_name_or_path", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias",
                   "bias", "rank_pattern", "alpha_pattern", "target_modules")
 
@@ -46,6 +52,7 @@ class InfoReport(Report):
     dtypes: dict[str, int]
     file: dict[str, Any]
     modules: list[dict[str, Any]]
+    experts: list[dict[str, Any]]  # LoRA on fused MoE expert parameters (target_parameters)
     extras: list[dict[str, Any]]
     trainable_tokens: list[dict[str, Any]]
     variants: list[str]
@@ -90,12 +97,20 @@ def adapter_info(adapter: Adapter) -> InfoReport:
                 "dora": m.magnitude_key is not None,
                 "lora_bias": m.lora_bias_key is not None,
                 "kasa": m.diag_key is not None,
+                "moe": PER_EXPERT if _PER_EXPERT.search(m.path) else None,
             }
         )
+    experts = [
+        {"name": e.path, "role": e.role.value if e.role else None, "layer": e.layer, "layout": FUSED_EXPERTS,
+         "experts": e.num_experts, "rank": e.rank, "alpha": e.alpha, "scaling": e.scaling,
+         "lora_A": list(adapter.tensors.meta(e.a_key).shape), "lora_B": list(adapter.tensors.meta(e.b_key).shape)}
+        for e in sorted(adapter.experts.values(), key=lambda e: (e.layer if e.layer is not None else -1, e.path))
+    ]
     metas = {key: adapter.tensors.meta(key) for key in adapter.tensors.keys()}
     lora_keys = set()
     for m in adapter.modules.values():
         lora_keys.update(k for k in (m.a_key, m.b_key, m.magnitude_key, m.lora_bias_key, m.diag_key) if k)
+    lora_keys.update(k for e in adapter.experts.values() for k in (e.a_key, e.b_key))
     lora_keys.update(t.key for t in adapter.trainable_tokens)
     extra_kinds = {e.key: e.kind for e in adapter.extras}
     trainable = sum(
@@ -125,6 +140,7 @@ def adapter_info(adapter: Adapter) -> InfoReport:
             "bytes": os.path.getsize(weights) if weights and os.path.isfile(weights) else None,
         },
         modules=modules,
+        experts=experts,
         extras=[
             {"key": e.key, "kind": e.kind, "replaces": e.target, "shape": list(metas[e.key].shape), "dtype": metas[e.key].dtype}
             for e in adapter.extras
@@ -163,6 +179,15 @@ def _adapter_text(info: InfoReport) -> str:
     if odd:
         lines.append(f"modules whose r / alpha differ from the defaults ({len(odd)}):")
         lines += [f"  {m['name']:<48} r={m['rank']:<4} alpha={_num(m['alpha']):<6} scaling={_num(m['scaling'])}" for m in odd]
+    if info.experts:
+        first = info.experts[0]
+        roles = Counter(e["role"] or e["name"].rsplit(".", 1)[1] for e in info.experts)
+        lines.append(f"experts       {len(info.experts)} modules of {first['experts']} fused experts ({FUSED_EXPERTS}: "
+                     f"{', '.join(f'{r} {n}' for r, n in sorted(roles.items()))}), rank {_ranks(info.experts)} per expert")
+    per_expert = [m for m in info.modules if m["moe"]]
+    if per_expert:
+        lines.append(f"experts       {len(per_expert)} modules of single experts ({PER_EXPERT}), "
+                     f"rank {_ranks(per_expert)}")
     if info.extras:
         lines.append(f"extra tensors ({len(info.extras)}):")
         lines += [f"  {e['kind']:<16} {e['replaces']:<48} {e['shape']} {e['dtype']}" for e in info.extras]
@@ -179,6 +204,11 @@ def _adapter_text(info: InfoReport) -> str:
         if len(info.unknown_keys) > 20:
             lines.append(f"  ... and {len(info.unknown_keys) - 20} more")
     return "\n".join(lines)
+
+
+def _ranks(modules: list[dict[str, Any]]) -> str:
+    ranks = sorted({m["rank"] for m in modules})
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
 
 
 def _num(x: float) -> str:

@@ -23,7 +23,7 @@ def module_spectra(adapter: Adapter, paths: Iterable[str] | None = None) -> dict
 
     out = {}
     for path in paths or adapter.modules:
-        module = adapter.modules[path]
+        module = adapter.module(path)
         a, b = adapter.factor_arrays(path)
         out[path] = padded(factored_svd(b, a, module.scaling, name=path).s, module.rank)
     return out
@@ -70,13 +70,14 @@ def svd_report(adapter: Adapter, thresholds: Iterable[float] = DEFAULT_THRESHOLD
     """Every module's spectrum and the ranks derived from it (the `svd --json` schema in the README)."""
     thresholds = tuple(thresholds)
     adapter.require_supported("analyse", analysis=True)
-    spectra = module_spectra(adapter)
+    spectra = module_spectra(adapter, [*adapter.modules, *_expert_views(adapter)])
     modules = []
     for path, sigma in spectra.items():
-        m = adapter.modules[path]
+        m = adapter.module(path)
         modules.append(
             {
                 "name": path,
+                "expert": m.expert.expert if m.expert else None,
                 "role": m.role.value if m.role else None,
                 "layer": m.layer,
                 "shape": list(m.weight_shape),
@@ -97,6 +98,13 @@ def svd_report(adapter: Adapter, thresholds: Iterable[float] = DEFAULT_THRESHOLD
         modules=modules,
         summary=_summary(modules, thresholds),
     )
+
+
+def _expert_views(adapter: Adapter) -> list[str]:
+    """One module per expert of every fused-experts module: ΔW_e = s·B_e·A_e, its spectrum the same
+    in either orientation (named `<parameter>[e]`; the by-role summary is then over experts)."""
+    return [adapter.expert_slice(expert, e, (0, expert.out_features), transposed=False).path
+            for expert in adapter.experts.values() for e in range(expert.num_experts)]
 
 
 def _group_stats(group: list[dict], thresholds: tuple[float, ...]) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class ToLoraReport(Report):
 
 def to_plain_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | None = None, energy: float | None = None,
                   max_rank: int = DEFAULT_MAX_RANK) -> tuple[Adapter, ToLoraReport]:
-    adapter.require_supported("convert")
+    adapter.require_supported("convert", experts=True)
     if base is not None and check_on_base(base, adapter):
         base = None  # --initial: the base was for checking the initial adapter; the conversion does not use it
     doras = [p for p, m in adapter.modules.items() if m.magnitude_key]
@@ -82,7 +82,7 @@ def to_plain_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | 
         adapter = adapter_for_base(base, adapter)
     tensors = adapter.state_dict()
     ranks: dict[str, tuple[int, float]] = {}
-    report = ToLoraReport(adapter.source, "", len(adapter.modules))
+    report = ToLoraReport(adapter.source, "", len(adapter.modules) + len(adapter.experts))
     mapper = BaseNameMapper(base, adapter) if doras else None
     generator = torch.Generator().manual_seed(SEED)
     for path, module in adapter.modules.items():
@@ -98,6 +98,12 @@ def to_plain_lora(adapter: Adapter, base: Checkpoint | None = None, rank: int | 
         tensors[module.a_key] = tensors[module.a_key].to(torch.float32)
         if module.lora_bias_key:
             tensors[module.lora_bias_key] = tensors[module.lora_bias_key].to(torch.float32) * module.scaling
+    for path, expert in adapter.experts.items():  # fused MoE experts: one s for every expert, folded into B
+        ranks[path] = (expert.rank, float(expert.rank))  # (PEFT matches the patterns against the parameter's path)
+        if expert.scaling != 1.0:
+            report.rescaled.append(path)
+            tensors[expert.b_key] = tensors[expert.b_key].to(torch.float32) * expert.scaling
+            tensors[expert.a_key] = tensors[expert.a_key].to(torch.float32)
     raw = with_module_ranks({**adapter.config.raw, "use_dora": False}, ranks, use_rslora=False)
     return Adapter.from_tensors(raw, tensors, source=adapter.source), report
 

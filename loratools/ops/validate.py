@@ -98,6 +98,10 @@ def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None, ta
         _check_against_base(adapter, base, add)
         if not any(f.severity == ERROR for f in findings):
             _check_merge_plan(adapter, base, add)
+    if target is not None and adapter.experts:
+        add("target-experts", WARNING, f"LoRA on fused MoE experts ({len(adapter.experts)} target_parameters modules): "
+            f"loratools does not check how {target} serves them (runtimes differ by version and model); "
+            "the other findings are about the rest of the adapter")
     if target is not None:
         from .serving import check_target
 
@@ -168,7 +172,7 @@ def _check_config_fields(raw: dict, add) -> AdapterConfig | None:
 
 def _check_config_against_weights(adapter: Adapter, add) -> None:
     cfg = adapter.config
-    paths = list(adapter.modules)
+    paths = [*adapter.modules, *adapter.experts]  # (a fused-experts module's patterns match its parameter's path)
     for name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(cfg, name):
             if not any(pattern_value({key: 1}, p, None) is not None for p in paths):
@@ -205,6 +209,14 @@ def _check_values(adapter: Adapter, add) -> None:
                 add("non-finite", ERROR, f"{key} contains NaN or Inf: training diverged or the file is corrupt", path)
             elif key == module.b_key and not nonzero:
                 add("zero-lora-b", WARNING, f"lora_B of {path} is all zeros: this module is untrained (ΔW = 0)", path)
+    for path, expert in adapter.experts.items():  # fused MoE experts (target_parameters)
+        for key in (expert.a_key, expert.b_key):
+            finite, nonzero = values(key)
+            if not finite:
+                add("non-finite", ERROR, f"{key} contains NaN or Inf: training diverged or the file is corrupt", path)
+            elif key == expert.b_key and not nonzero:
+                add("zero-lora-b", WARNING, f"lora_B of {path} is all zeros: these {expert.num_experts} experts are untrained "
+                    "(ΔW = 0)", path)
     for key, target in [(e.key, e.target) for e in adapter.extras] + [(t.key, t.target) for t in adapter.trainable_tokens]:
         meta = adapter.tensors.meta(key)
         if meta.dtype not in ("float16", "bfloat16", "float32", "float64"):

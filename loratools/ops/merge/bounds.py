@@ -366,7 +366,7 @@ def _message(plan: "MergePlan", name: str, ops: "TensorOps", updates: list[Updat
             return f"{merged}: {saved} holds values up to {_number(largest_saved)}, beyond {where}"
     elif start.exact and not start.largest < limit(out, held):
         return f"{merged}: the base tensor itself holds values up to {_number(start.largest)} (or NaN)"
-    module = plan.adapter.modules[max(updates, key=lambda up: up.entry).module]
+    module = plan.adapter.module(max(updates, key=lambda up: up.entry).module)
     delta = _number(sum(up.entry for up in updates))
     if not ops.modules:
         what = f"b + s·lora_B.bias of module {module.path}, |s·bias| up to {delta}"

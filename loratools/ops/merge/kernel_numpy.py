@@ -47,10 +47,11 @@ class Workspace:
 
 class StoredRows:
     """Rows of a stored tensor's 2-D view (bf16 as its bits, float16, float32), widened into
-    float32 blocks. (dequant.BnbRows is the other row source: a bnb 4-bit weight.)"""
+    float32 blocks. (dequant.BnbRows is the other row source: a bnb 4-bit weight.) A tensor of
+    all experts (E, d1, d2) is seen as (E·d1, d2): expert e's ΔW starts at row e·d1."""
 
     def __init__(self, values: np.ndarray, dtype: str):
-        self.values, self.dtype = values.reshape(values.shape[0], -1), dtype
+        self.values, self.dtype = values.reshape(-1, values.shape[-1] if values.ndim > 1 else 1), dtype
         self.shape = self.values.shape
 
     def fill(self, start: int, stop: int, block: np.ndarray, scratch: np.ndarray) -> None:
@@ -63,13 +64,13 @@ class StoredRows:
 def merge_tensor(plan: MergePlan, ops: TensorOps, base, out_dtype: str, writer, name: str, work: Workspace) -> None:
     """Queue the merged tensor on `writer` (its `begin` already called). base: a row source
     (StoredRows, dequant.BnbRows) of shape (rows, cols)."""
-    products = []  # (s·L, R): ΔW = s·L@R in the base tensor's own orientation
+    products = []  # (s·L, R, first row): ΔW = s·L@R in the base tensor's own orientation, from that row
     for module in ops.modules:
         a, b = (x.astype(np.float32, copy=False) for x in plan.adapter.factor_arrays(module.path))
         s = np.float32(module.scaling * plan.scale)
         # a transposed layout holds ΔW as (B@A).T = A.T @ B.T
         left, right = (a.T, b.T) if module.layout.transposed else (b, a)
-        products.append((np.ascontiguousarray(left * s), np.ascontiguousarray(right)))
+        products.append((np.ascontiguousarray(left * s), np.ascontiguousarray(right), module.first_row))
     with np.errstate(all="ignore"):  # overflow is found and refused explicitly (finite_below), not warned about
         _merge_blocks(products, base, out_dtype, writer, name, work)
 
@@ -93,9 +94,11 @@ def _merge_blocks(products, base, out_dtype: str, writer, name: str, work: Works
         block, bits = work.get("block", np.float32, shape), work.get("bits", np.uint32, shape)
         base.fill(start, stop, block, bits)
         product = work.get("product", np.float32, shape)
-        for left, right in products:
-            np.matmul(left[start:stop], right, out=product)
-            block += product
+        for left, right, first in products:  # rows lo:hi of this block are rows of ΔW
+            lo, hi = max(start, first), min(stop, first + left.shape[0])
+            if lo < hi:
+                np.matmul(left[lo - first: hi - first], right, out=product[lo - start: hi - start])
+                block[lo - start: hi - start] += product[lo - start: hi - start]
         if check and not finite_below(block, limit):
             raise LoraToolsError(f"merged {name} is not finite (overflows {out_name}?); nothing was written", code="non-finite")
         target = writer.buffer(shape[0] * cols * np.dtype(out_type).itemsize).view(out_type).reshape(shape)

@@ -77,7 +77,7 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
     if not (ops.modules or ops.lora_biases):
         out.store(base)
         return
-    low_rank = []  # (L, R, s): ΔW = s·L@R in the base tensor's own orientation
+    low_rank = []  # (L, R, s, first row): ΔW = s·L@R in the base tensor's own orientation, from that row
     for module in ops.modules:
         a, b = (t.to(device=dev, dtype=work) for t in adapter.factors(module.path))
         s = module.scaling * plan.scale
@@ -90,17 +90,19 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
             out.store(dora_weight(_working_copy(base, dev), a, b, s, magnitude, module.layout))
             return
         # a transposed layout holds ΔW as (B@A).T = A.T @ B.T
-        low_rank.append((a.T.contiguous(), b.T.contiguous(), s) if module.layout.transposed else (b, a, s))
+        low_rank.append((a.T.contiguous(), b.T.contiguous(), s, module.first_row) if module.layout.transposed
+                        else (b, a, s, module.first_row))
     if base.dim() == 1:  # a bias: lora_bias adds s·lora_B.bias
         w = _working_copy(base, dev)
         for module in ops.lora_biases:
             w.add_(adapter.tensor(module.lora_bias_key).to(device=dev, dtype=work), alpha=module.scaling * plan.scale)
         out.store(w)
         return
-    if dev.type != "cpu":
+    if dev.type != "cpu" or base.dim() > 2:  # (a tensor of all experts, (E, d1, d2): its rows are (E·d1, d2))
         w = _working_copy(base, dev)
-        for left, right, s in low_rank:
-            w.addmm_(left, right, alpha=s)
+        rows = w.view(-1, w.shape[-1])
+        for left, right, s, first in low_rank:
+            rows[first: first + left.shape[0]].addmm_(left, right, alpha=s)
         out.store(w)
         return
     # CPU: row blocks, so the working copy stays in cache and each byte of the base is read and
@@ -113,8 +115,10 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
         stop = min(start + rows_per_block, base.shape[0])
         block = workspace[: stop - start]
         block.copy_(base[start:stop])
-        for left, right, s in low_rank:
-            block.addmm_(left[start:stop], right, alpha=s)
+        for left, right, s, first in low_rank:  # rows lo:hi of this block are rows of ΔW
+            lo, hi = max(start, first), min(stop, first + left.shape[0])
+            if lo < hi:
+                block[lo - start: hi - start].addmm_(left[lo - first: hi - first], right, alpha=s)
         out.store(block)
 
 

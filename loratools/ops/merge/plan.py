@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 
-from ...adapter import Adapter, LoraModule, TrainableTokens
+from ...adapter import Adapter, ExpertModule, LoraModule, TrainableTokens
 from ...arch import Layout, Role
+from ...arch import experts as moe
 from ...errors import FormatError, ShapeError, UnsupportedError, UsageError
 from ...formats.checkpoint import Checkpoint
 from ...formats.dtypes import CODE_OF_NAME as DTYPE_CODES
@@ -129,7 +130,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
         dtype = "bfloat16"  # one precision for the whole dequantized model
     if not math.isfinite(scale):
         raise UsageError(f"--scale must be a finite number, got {scale}")
-    adapter.require_supported("merge", merging=True)
+    adapter.require_supported("merge", merging=True, experts=True)
     check_on_base(base, adapter)  # --initial: the initial adapter's values against the base weights
     adapter = _adapter_for(base, adapter)
     if scale != 1.0:
@@ -140,7 +141,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
         if adapter.extras or adapter.trainable_tokens:
             kinds = ", ".join(sorted({e.kind for e in adapter.extras} | ({"trainable tokens"} if adapter.trainable_tokens else set())))
             raise UnsupportedError(f"--scale other than 1 cannot scale tensors that replace base tensors ({kinds})")
-    if not adapter.modules and not adapter.extras and not adapter.trainable_tokens:
+    if not adapter.modules and not adapter.experts and not adapter.extras and not adapter.trainable_tokens:
         raise ShapeError("the adapter has no LoRA modules and no extra tensors: nothing to merge")
     _require_finite(adapter)
     mapper = BaseNameMapper(base, adapter)
@@ -181,6 +182,8 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
             if bias is None:
                 raise ShapeError(f"module {module.path}: lora_bias=True but the base layer has no bias (PEFT cannot merge it either)")
             ops.setdefault(bias, TensorOps()).lora_biases.append(module)
+    for expert in adapter.experts.values():
+        _place_experts(base, adapter, mapper, expert, ops)
     heads.untie_saved_embedding(ops)
     for name, op in ops.items():
         _drop_tied_copy(adapter, name, op)
@@ -204,6 +207,40 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
     for checked in heads.by_base_tensor(plan):  # the bound check finds each changed tensor in the base by name
         require_finite_merge(checked)
     return plan
+
+
+def _place_experts(base: Checkpoint, adapter: Adapter, mapper: BaseNameMapper, expert: ExpertModule,
+                   ops: dict[str, TensorOps]) -> None:
+    """Each expert's ΔW_e where the base stores it, as transformers' conversion does
+    (arch/experts.py): one fused module feeds E tensors (2·E for gate and up), each through a view
+    of its factors (Adapter.expert_slice)."""
+    model_type = (base.config or {}).get("model_type")
+    layout = moe.layout_for(model_type)
+    if layout is None:
+        why = "the base has no config.json" if not base.config else f"loratools has no experts layout for model_type {model_type!r}"
+        raise UnsupportedError(f"module {expert.path}: LoRA on fused MoE experts is placed by the base's family, and {why}",
+                               code="fused-experts")
+    d1, d2 = expert.expert_shape(layout.transposed)
+    places = moe.placements(layout, expert.path, expert.num_experts, d1)
+    if places is None:
+        raise ShapeError(f"module {expert.path}: {layout.name} experts have no such parameter (or its parts do not "
+                         f"divide its {d1} rows)", code="base-missing-module")
+    for place in places:
+        what = f"module {expert.path}, expert {place.expert}"
+        name = next(filter(None, (mapper.find(n, what, required=False) for n in place.names)), None)
+        if name is None:
+            raise ShapeError(f"{what}: no tensor {place.names[0]} in the base checkpoint (wrong base model?)",
+                             code="base-missing-module")
+        info = base.info(name)
+        if unmergeable_dtype(info):
+            raise UnsupportedError(f"{what}: base {name} is {unmergeable_dtype(info)}", code="base-dtype")
+        module = adapter.expert_slice(expert, place.expert, place.rows, layout.transposed, stacked=place.stacked)
+        want = (expert.num_experts, d1, d2) if place.stacked else module.weight_shape
+        if tuple(info.shape) != want:
+            raise ShapeError(f"{what}: adapter expects {name} of shape {list(want)} (rows "
+                             f"{place.rows[0]}:{place.rows[1]} of the expert's {[d1, d2]} in {expert.path}), "
+                             f"base has {list(info.shape)}", code="base-shape")
+        ops.setdefault(name, TensorOps()).modules.append(module)
 
 
 def _extra_target(heads: "_TiedHeads", mapper: BaseNameMapper, extra) -> str:
@@ -276,11 +313,11 @@ def _output(base: Checkpoint, ops: dict[str, TensorOps], name: str, source: str,
 
 
 def kernel_for(op: TensorOps, held: str, dtype: str, shape: tuple[int, ...], device: str) -> str:
-    """numpy for additive low-rank updates of a 2-D bf16/f16/f32 weight on CPU (torch is never
-    imported for them); torch for everything else (DoRA, KaSA, rows, lora_bias, replacements,
-    other dtypes, a GPU)."""
+    """numpy for additive low-rank updates of a 2-D bf16/f16/f32 weight on CPU (or of one storing
+    all experts, (E, d1, d2), seen as (E·d1, d2)), torch never imported for them; torch for
+    everything else (DoRA, KaSA, rows, lora_bias, replacements, other dtypes, a GPU)."""
     numpy = (
-        device == "cpu" and held in HELD and dtype in HELD and len(shape) == 2
+        device == "cpu" and held in HELD and dtype in HELD and (len(shape) == 2 or all(m.expert for m in op.modules))
         and bool(op.modules) and op.replace_key is None and not op.rows and not op.lora_biases
         and all(m.diag_key is None and m.magnitude_key is None for m in op.modules)
     )
@@ -290,9 +327,18 @@ def kernel_for(op: TensorOps, held: str, dtype: str, shape: tuple[int, ...], dev
 def _feeds(op: TensorOps) -> tuple[str, ...]:
     keys = [op.replace_key] if op.replace_key else []
     keys += [t.key for t in op.rows]
-    keys += [k for m in op.modules for k in (m.a_key, m.b_key, m.magnitude_key, m.diag_key) if k]
+    keys += [k for m in op.modules for k in (_cut_keys(m) if m.expert else (m.a_key, m.b_key, m.magnitude_key, m.diag_key)) if k]
     keys += [m.lora_bias_key for m in op.lora_biases]
     return tuple(keys)
+
+
+def _cut_keys(module: LoraModule) -> tuple[str, str]:
+    """A fused-experts module's keys with the part of each an expert slice takes (ExpertSlice.cut)."""
+    cut = module.expert
+    rows = f"{cut.expert * cut.rank}:{(cut.expert + 1) * cut.rank}"
+    a_cols = f", {cut.a_cols[0]}:{cut.a_cols[1]}" if cut.a_cols else ""
+    b_rows = f"{cut.b_rows[0]}:{cut.b_rows[1]}" if cut.b_rows else ":"
+    return f"{module.a_key}[{rows}{a_cols}]", f"{module.b_key}[{b_rows}, {cut.expert}::{cut.num_experts}]"
 
 
 class _TiedHeads:
@@ -381,6 +427,7 @@ def _drop_tied_copy(adapter: Adapter, name: str, op: TensorOps) -> None:
 def _require_finite(adapter: Adapter) -> None:
     """PEFT's safe_merge refuses NaN/Inf; so do we, before writing anything."""
     keys = [k for m in adapter.modules.values() for k in (m.a_key, m.b_key, m.magnitude_key, m.lora_bias_key, m.diag_key) if k]
+    keys += [k for m in adapter.experts.values() for k in (m.a_key, m.b_key)]
     keys += [e.key for e in adapter.extras] + [t.key for t in adapter.trainable_tokens]
     for key in keys:
         if not adapter.tensors.finite(key):
