@@ -38,11 +38,6 @@ class Role(str, Enum):
     CLASSIFIER = "classifier"
     SSM_IN = "ssm_in"  # a Mamba mixer's input projection (x, z, B, C, dt stacked)
     SSM_OUT = "ssm_out"  # a Mamba mixer's output projection
-    # Mixture-of-experts experts (arch/experts.py): a fused parameter of all experts, or one expert's part.
-    EXPERT_GATE_UP = "expert_gate_up"
-    EXPERT_GATE = "expert_gate"
-    EXPERT_UP = "expert_up"
-    EXPERT_DOWN = "expert_down"
 
     def __str__(self) -> str:  # print "attn_q", not "Role.ATTN_Q"
         return self.value
