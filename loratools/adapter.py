@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from .arch import Detection, Layout, Role, detect_from_paths, locate
-from .config import AdapterConfig, variant_refusals
+from .config import AdapterConfig, bdlora_blocks, variant_refusals
 from .errors import ConfigError, FormatError, LoraToolsError, ShapeError, UnsupportedError
 from .formats.dtypes import FLOAT_NAMES as FLOAT_DTYPES
 from .formats.tensors import MemoryStore, TensorStore
@@ -65,6 +65,7 @@ class LoraModule:
     base_weight_key: str | None = None  # saved full embedding: replaces the base weight
     diag_key: str | None = None  # KaSA: ΔW = s·B·diag(d)·A
     kernel: tuple[int, ...] = ()  # nn.Conv1d/2d/3d: the kernel size (lora_A's trailing dims); () otherwise
+    blocks: tuple[str, int] | None = None  # BD-LoRA: ("A" or "B", nblocks), that factor saved as its diagonal blocks
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -153,11 +154,7 @@ class Adapter:
                 continue
             rel = key[len(PREFIX) :]
             m = _PART.match(rel)
-            if m and "bdlora" in self.config.variants and m["part"].startswith("lora_"):
-                # BD-LoRA stores block-diagonal factors as their blocks: PEFT's own tensors, in
-                # shapes only that (refused) variant understands.
-                self.variant_keys.append(key)
-            elif m:
+            if m:
                 parts.setdefault(m["module"], {})[m["part"]] = key
             elif _TOKENS.match(rel):
                 self._add_trainable_tokens(key, _TOKENS.match(rel)["module"])
@@ -258,12 +255,23 @@ class Adapter:
                     "means ZeRO-3/FSDP shards were saved without being gathered",
                     code="unsharded-factor",
                 ))
-        if a.shape[0] != b.shape[1]:
+        try:
+            blocks = None if embedding or kernel else bdlora_blocks(self.config.raw, path)
+        except LoraToolsError as exc:
+            return self._problem(path, exc)
+        a_shape, b_shape = _expanded_shapes(a.shape, b.shape, blocks)
+        if blocks is not None and a_shape is None:
+            side, n = blocks
+            saved = list((a if side == "A" else b).shape)
+            return self._problem(path, ShapeError(
+                f"module {path}: BD-LoRA's block-diagonal lora_{side} {saved} is not {n} blocks of equal rows "
+                f"(nblocks={n} must divide its {saved[0]} rows)", code="bdlora-blocks"))
+        if a_shape[0] != b_shape[1]:
             return self._problem(path, ShapeError(
                 f"module {path}: {a_part} {list(a.shape)} and {b_part} {list(b.shape)} disagree on the rank", code="factor-rank"
             ))
         rank = self.config.rank_for(path)
-        if a.shape[0] != rank:
+        if a_shape[0] != rank:
             source = "rank_pattern" if rank != self.config.r else "r"
             return self._problem(path, ShapeError(
                 f"module {path}: tensors have rank {a.shape[0]} but the config gives r={rank} (from {source})", code="rank-mismatch"
@@ -286,8 +294,8 @@ class Adapter:
             scaling=self.config.scaling_for(path),
             a_key=ps[a_part],
             b_key=ps[b_part],
-            in_features=math.prod(a.shape[1:]),  # ConvNd: the columns of A's (r, in·Πkernel) matrix view
-            out_features=b.shape[0],
+            in_features=math.prod(a_shape[1:]),  # ConvNd: the columns of A's (r, in·Πkernel) matrix view
+            out_features=b_shape[0],
             layout=layout,
             role=ref.role if ref else None,
             layer=ref.layer if ref else None,
@@ -297,6 +305,7 @@ class Adapter:
             base_bias_key=ps.get("base_layer.bias"),
             base_weight_key=ps.get("base_layer.weight"),
             kernel=kernel or (),
+            blocks=blocks,
         )
         out = module.out_features
         for key, what, want in (
@@ -441,8 +450,43 @@ def _factor_parts(ps: dict[str, str]) -> bool:
 
 
 def _matrices(module: LoraModule, a, b):
-    """A and B (torch tensors or numpy arrays) as matrices: a ConvNd's kernels flattened."""
-    return (a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)) if module.kernel else (a, b)
+    """A and B (torch tensors or numpy arrays) as matrices: a ConvNd's kernels flattened, BD-LoRA's
+    block-diagonal factor expanded from its saved blocks."""
+    if module.kernel:
+        return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if module.blocks is not None:
+        side, n = module.blocks
+        return (_block_diagonal(a, n), b) if side == "A" else (a, _block_diagonal(b, n))
+    return a, b
+
+
+def _block_diagonal(saved, n: int):
+    """PEFT's BlockDiagonalLinear.weight_as_blockdiagonal_matrix: the saved (rows, cols) weight's
+    n chunks of rows/n rows, placed on the diagonal of a (rows, n·cols) matrix of zeros."""
+    import numpy as np
+
+    rows, cols = saved.shape
+    step = rows // n
+    if isinstance(saved, np.ndarray):
+        full = np.zeros((rows, n * cols), dtype=saved.dtype)
+    else:
+        full = saved.new_zeros((rows, n * cols))
+    for i in range(n):
+        full[i * step:(i + 1) * step, i * cols:(i + 1) * cols] = saved[i * step:(i + 1) * step]
+    return full
+
+
+def _expanded_shapes(a_shape, b_shape, blocks: tuple[str, int] | None):
+    """The shapes of A and B once BD-LoRA's block-diagonal factor is expanded ((None, None) when
+    its rows are not nblocks equal chunks)."""
+    if blocks is None:
+        return tuple(a_shape), tuple(b_shape)
+    side, n = blocks
+    rows, cols = a_shape if side == "A" else b_shape
+    if rows % n:
+        return None, None
+    full = (rows, cols * n)
+    return (full, tuple(b_shape)) if side == "A" else (tuple(a_shape), full)
 
 
 def _conv_kernel(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...] | None:

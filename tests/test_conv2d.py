@@ -267,3 +267,18 @@ def test_conv1d_and_conv3d_lora_merge(tmp_path):
             continue
         torch.testing.assert_close(ours[f"{name}.weight"], base[f"{name}.weight"] + delta_weight, rtol=1e-6, atol=1e-6)
     assert all((ours[f"{n}.weight"] - base[f"{n}.weight"]).abs().max() > 1e-3 for n in ("temporal", "volume", "frames"))
+
+
+@pytest.mark.parametrize("b_shape", [(6, 2, 3, 3), (6, 2), (6, 2, 1)], ids=["kxk-lora_B", "2-D-lora_B", "3-D-lora_B"])
+def test_factors_that_are_not_a_convolutions_lora(tmp_path, b_shape):
+    """A 4-D lora_A needs a lora_B of four dimensions with a 1x1 kernel (PEFT's): anything else is
+    `conv-factor`, one line from every command that reads the adapter."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["conv"]}))
+    save_file({"base_model.model.conv.lora_A.weight": torch.ones(2, 4, 3, 3), "base_model.model.conv.lora_B.weight": torch.ones(b_shape)},
+              str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    findings = json.loads(run_cli("validate", adapter, "--json").stdout)["results"][0]["findings"]
+    assert [(f["code"], f["module"]) for f in findings] == [("conv-factor", "conv")]
+    assert_clean_error(run_cli("svd", adapter), "are not the factors of a convolution's LoRA", code=1)
