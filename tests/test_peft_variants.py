@@ -249,3 +249,25 @@ def test_conv2d_lora_merges_as_peft(tmp_path, target, kernel):
     assert_matches_peft(ours, merged)
     assert {k for k in ours if not torch.equal(ours[k], base[k])} == {f"{target}.weight"}
     assert run_cli("validate", tmp_path / "adapter", "--base", tmp_path / "base.safetensors").returncode == 0
+
+
+@pytest.mark.parametrize("bd,code,fragment", [
+    ({"nblocks": 3, "target_modules_bd_a": ["o_proj"]}, "bdlora-blocks", "nblocks=3 must divide its 2 rows"),
+    ({"nblocks": 2, "target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["proj"]}, "config-field",
+     "matches both target_modules_bd_a and target_modules_bd_b"),
+])
+def test_bdlora_blocks_that_do_not_fit(tmp_path, bd, code, fragment):
+    """Blocks PEFT could not have saved: validate names the module, merge refuses in one line."""
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["o_proj"], "use_bdlora": bd}))
+    key = "base_model.model.model.layers.0.self_attn.o_proj"
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 8), f"{key}.lora_B.weight": torch.ones(16, 2)},
+              str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    findings = json.loads(run_cli("validate", adapter, "--json").stdout)["results"][0]["findings"]
+    assert [(f["code"], f["module"]) for f in findings] == [(code, "model.layers.0.self_attn.o_proj")]
+    assert fragment in findings[0]["message"]
+    assert_clean_error(run_cli("svd", adapter), fragment, code=1)
