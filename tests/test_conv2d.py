@@ -282,3 +282,35 @@ def test_factors_that_are_not_a_convolutions_lora(tmp_path, b_shape):
     findings = json.loads(run_cli("validate", adapter, "--json").stdout)["results"][0]["findings"]
     assert [(f["code"], f["module"]) for f in findings] == [("conv-factor", "conv")]
     assert_clean_error(run_cli("svd", adapter), "are not the factors of a convolution's LoRA", code=1)
+
+
+CONV_CODES = {"vllm": "vllm-conv", "vllm@0.10.0": "vllm-conv", "sglang": "sglang-conv", "llama.cpp": "llamacpp-conv"}
+
+
+def test_serving_runtimes_refuse_conv_modules(tmp_path):
+    """vLLM, SGLang and llama.cpp have LoRA layers for linear layers and embeddings only (their
+    loaders: vLLM's LoRA layer classes, SGLang's get_lora_layer, llama.cpp's 2-D lora_a/lora_b):
+    validate --target says so for a convolution's LoRA, as an error with the runtime's code; the
+    Linear module beside it is not what it is about."""
+    from loratools.ops.validate import validate
+
+    (tmp_path / "unet").mkdir()
+    _, adapter_dir, _, _ = make(tmp_path / "unet", unet)
+    for target, code in CONV_CODES.items():
+        found = [f for f in validate(adapter_dir, target=target).findings if f.code == code]
+        assert [(f.severity, f.module) for f in found] == [("error", "conv_in")], target
+        assert "cannot serve the convolution LoRA of 5 module(s), e.g. conv_in (an nn.Conv2d, lora_A [4, 4, 3, 3])" in found[0].message
+        assert "loratools merge BASE ADAPTER OUT" in found[0].message
+        result = run_cli("validate", adapter_dir, "--target", target, "--json")
+        assert result.returncode == 1
+        assert code in {f["code"] for f in json.loads(result.stdout)["results"][0]["findings"]}
+
+    (tmp_path / "convs").mkdir()
+    _, convs_dir, _, _ = make(tmp_path / "convs", lambda dtype: Convs().to(dtype), target_modules=["temporal", "volume"])
+    messages = [f.message for f in validate(convs_dir, target="vllm").findings if f.code == "vllm-conv"]
+    assert len(messages) == 1 and "of 2 module(s), e.g. temporal (an nn.Conv1d, lora_A [4, " in messages[0], messages
+
+    (tmp_path / "linear").mkdir()
+    _, linear_dir, _, _ = make(tmp_path / "linear", unet, target_modules=["time_emb_proj"])
+    for target, code in CONV_CODES.items():
+        assert code not in {f.code for f in validate(linear_dir, target=target).findings}, target
