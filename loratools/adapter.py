@@ -7,6 +7,7 @@ structural checks (pairs, ranks, shapes) happen here, so every later operation c
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import OrderedDict
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .arch import Detection, Layout, Role, detect_from_paths, locate
 from .arch import experts as moe
-from .config import AdapterConfig, variant_refusals
+from .config import AdapterConfig, bdlora_blocks, variant_refusals
 from .errors import ConfigError, FormatError, LoraToolsError, ShapeError, UnsupportedError
 from .formats.dtypes import FLOAT_NAMES as FLOAT_DTYPES
 from .formats.tensors import MemoryStore, TensorStore
@@ -55,7 +56,7 @@ class LoraModule:
     scaling: float
     a_key: str
     b_key: str
-    in_features: int  # nn.Linear view: A is (r, in), B is (out, r); embedding: in = num_embeddings
+    in_features: int  # nn.Linear view: A is (r, in), B is (out, r); embedding: in = num_embeddings; ConvNd: in·Πkernel
     out_features: int  # embedding: out = embedding_dim
     layout: Layout
     role: Role | None = None
@@ -66,10 +67,14 @@ class LoraModule:
     base_weight_key: str | None = None  # saved full embedding: replaces the base weight
     diag_key: str | None = None  # KaSA: ΔW = s·B·diag(d)·A
     expert: "ExpertSlice | None" = None  # one expert's part of a fused-experts module (merge's per-tensor view)
+    kernel: tuple[int, ...] = ()  # nn.Conv1d/2d/3d: the kernel size (lora_A's trailing dims); () otherwise
+    blocks: tuple[str, int] | None = None  # BD-LoRA: ("A" or "B", nblocks), that factor saved as its diagonal blocks
 
     @property
-    def weight_shape(self) -> tuple[int, int]:
+    def weight_shape(self) -> tuple[int, ...]:
         """Shape of the base weight this module changes, in the base's own orientation."""
+        if self.kernel:  # nn.ConvNd (out, in, *kernel): ΔW's (out, in·Πkernel) matrix, reshaped
+            return (self.out_features, self.in_features // math.prod(self.kernel), *self.kernel)
         if self.layout is Layout.LINEAR:
             return (self.out_features, self.in_features)
         return (self.in_features, self.out_features)  # Conv1D (in, out); Embedding (num, dim)
@@ -218,11 +223,7 @@ class Adapter:
                 continue
             rel = key[len(PREFIX) :]
             m = _PART.match(rel)
-            if m and "bdlora" in self.config.variants and m["part"].startswith("lora_"):
-                # BD-LoRA stores block-diagonal factors as their blocks: PEFT's own tensors, in
-                # shapes only that (refused) variant understands.
-                self.variant_keys.append(key)
-            elif m:
+            if m:
                 parts.setdefault(m["module"], {})[m["part"]] = key
             elif _TOKENS.match(rel):
                 self._add_trainable_tokens(key, _TOKENS.match(rel)["module"])
@@ -391,24 +392,35 @@ class Adapter:
                 return self._problem(path, FormatError(
                     f"module {path}: {part} has dtype {meta.dtype}; LoRA factors must be floating point", code="non-float-factor"
                 ))
-            if len(meta.shape) == 4:
-                return self._problem(path, UnsupportedError(
-                    f"module {path}: {part} is 4-D (Conv2d LoRA): PEFT merges ΔW = s·B⊛A, B's 1x1 kernel contracted "
-                    "with A's r channels at every kernel position (a 4-D weight), and loratools computes ΔW for "
-                    "2-D weights only (Linear, Conv1D, Embedding)", code="conv2d-factor"
-                ))
+        kernel = _conv_kernel(a.shape, b.shape) if not embedding else None
+        if kernel is not None:  # nn.Conv1d/2d/3d LoRA: lora_A a kxk convolution to r channels, lora_B 1x1
+            problem = _conv_problem(path, a.shape, b.shape)
+            if problem is not None:
+                return self._problem(path, problem)
+        for part, meta in ((a_part, a), (b_part, b)) if kernel is None else ():
             if len(meta.shape) != 2 or 0 in meta.shape:
                 return self._problem(path, ShapeError(
                     f"module {path}: {part} has shape {list(meta.shape)}, expected 2-D; a 1-D or empty factor "
                     "means ZeRO-3/FSDP shards were saved without being gathered",
                     code="unsharded-factor",
                 ))
-        if a.shape[0] != b.shape[1]:
+        try:
+            blocks = None if embedding or kernel else bdlora_blocks(self.config.raw, path)
+        except LoraToolsError as exc:
+            return self._problem(path, exc)
+        a_shape, b_shape = _expanded_shapes(a.shape, b.shape, blocks)
+        if blocks is not None and a_shape is None:
+            side, n = blocks
+            saved = list((a if side == "A" else b).shape)
+            return self._problem(path, ShapeError(
+                f"module {path}: BD-LoRA's block-diagonal lora_{side} {saved} is not {n} blocks of equal rows "
+                f"(nblocks={n} must divide its {saved[0]} rows)", code="bdlora-blocks"))
+        if a_shape[0] != b_shape[1]:
             return self._problem(path, ShapeError(
                 f"module {path}: {a_part} {list(a.shape)} and {b_part} {list(b.shape)} disagree on the rank", code="factor-rank"
             ))
         rank = self.config.rank_for(path)
-        if a.shape[0] != rank:
+        if a_shape[0] != rank:
             source = "rank_pattern" if rank != self.config.r else "r"
             return self._problem(path, ShapeError(
                 f"module {path}: tensors have rank {a.shape[0]} but the config gives r={rank} (from {source})", code="rank-mismatch"
@@ -417,6 +429,8 @@ class Adapter:
         ref = locate(self.detection.architecture, self.detection.prefix, path) if self.detection.known else None
         if embedding:
             layout = Layout.EMBEDDING
+        elif kernel:  # an nn.ConvNd weight is (out, in, *kernel): ΔW in LoRA's own orientation
+            layout = Layout.LINEAR
         elif ref is not None:
             layout = ref.layout
         else:
@@ -429,8 +443,8 @@ class Adapter:
             scaling=self.config.scaling_for(path),
             a_key=ps[a_part],
             b_key=ps[b_part],
-            in_features=a.shape[1],
-            out_features=b.shape[0],
+            in_features=math.prod(a_shape[1:]),  # ConvNd: the columns of A's (r, in·Πkernel) matrix view
+            out_features=b_shape[0],
             layout=layout,
             role=ref.role if ref else None,
             layer=ref.layer if ref else None,
@@ -439,15 +453,19 @@ class Adapter:
             lora_bias_key=ps.get("lora_B.bias"),
             base_bias_key=ps.get("base_layer.bias"),
             base_weight_key=ps.get("base_layer.weight"),
+            kernel=kernel or (),
+            blocks=blocks,
         )
-        for key, what, length in (
-            (module.magnitude_key, "lora_magnitude_vector", module.out_features),
-            (module.lora_bias_key, "lora_B.bias", module.out_features),
-            (module.diag_key, "lora_diag", module.rank),
+        out = module.out_features
+        for key, what, want in (
+            # DoRA on a ConvNd saves its magnitude as (1, out, 1, …): PEFT's weight norm, kept as computed
+            (module.magnitude_key, "lora_magnitude_vector", (1, out, *(1 for _ in kernel)) if kernel else (out,)),
+            (module.lora_bias_key, "lora_B.bias", (out,)),
+            (module.diag_key, "lora_diag", (module.rank,)),
         ):
-            if key is not None and self.tensors.meta(key).shape != (length,):
+            if key is not None and self.tensors.meta(key).shape != want:
                 shape = list(self.tensors.meta(key).shape)
-                return self._problem(path, ShapeError(f"module {path}: {what} has shape {shape}, expected [{length}]", code="vector-shape"))
+                return self._problem(path, ShapeError(f"module {path}: {what} has shape {shape}, expected {list(want)}", code="vector-shape"))
             if key is not None and self.tensors.meta(key).dtype not in FLOAT_DTYPES:
                 return self._problem(path, FormatError(
                     f"module {path}: {what} has dtype {self.tensors.meta(key).dtype}; expected floating point", code="non-float-factor"
@@ -485,11 +503,13 @@ class Adapter:
             return self._problem(path, ConfigError(f"module {path}: trainable_token_indices repeats a token id", code="trainable-tokens-mismatch"))
         self.trainable_tokens.append(TrainableTokens(key, path, tuple(indices)))
 
-    def require_supported(self, operation: str, merging: bool = False, analysis: bool = False, experts: bool = False) -> None:
+    def require_supported(self, operation: str, merging: bool = False, analysis: bool = False, experts: bool = False,
+                          conv: bool = False) -> None:
         """Refuse, naming the first reason, an adapter this operation cannot reproduce exactly:
         a tensor it cannot place, or a PEFT feature whose effect is not (only) s·B·A.
         analysis=True (svd): only what would make the spectra of s·B·A wrong.
-        experts=True: the operation handles fused-experts modules (`self.experts`); others refuse them."""
+        experts=True: the operation handles fused-experts modules (`self.experts`); others refuse them.
+        conv=True: the operation handles ConvNd modules (merge); the others write 2-D factors only."""
         if analysis:
             reasons = variant_refusals(self.config.raw, merging=False, analysis=True)
             if reasons:
@@ -502,6 +522,8 @@ class Adapter:
                 f"cannot {operation} {self.source or 'the adapter'}: it has LoRA on fused MoE expert parameters "
                 f"(target_parameters: {len(self.experts)}, e.g. {first}); loratools {operation} does not support them "
                 "(merge, info, validate, svd, resize, combine and convert --to-lora do)", code="fused-experts")
+        if not conv and self.conv_refusal(operation):
+            reasons.append(self.conv_refusal(operation))
         if self.unknown_keys:
             more = f" (and {len(self.unknown_keys) - 1} more)" if len(self.unknown_keys) > 1 else ""
             reasons.append(f"tensor {self.unknown_keys[0]!r}{more} is not part of a LoRA adapter loratools knows; "
@@ -510,6 +532,17 @@ class Adapter:
             reasons.append("trainable_token_indices (trainable_tokens_delta) cannot be carried over; loratools merge supports them")
         if reasons:
             raise UnsupportedError(f"cannot {operation} {self.source or 'the adapter'}: {reasons[0]}", code="unsupported")
+
+    def conv_refusal(self, operation: str) -> str | None:
+        """Why `operation`, which writes an adapter's 2-D factors, refuses this adapter's ConvNd
+        modules (None: it has none)."""
+        convs = [p for p, m in self.modules.items() if m.kernel]
+        if not convs:
+            return None
+        more = f" (and {len(convs) - 1} more)" if len(convs) > 1 else ""
+        shape = list(self.tensors.meta(self.modules[convs[0]].a_key).shape)
+        return (f"module {convs[0]}{more} is a convolution's LoRA (lora_A {shape}), which {operation} cannot write: "
+                "it writes the 2-D factors of Linear, Conv1D and Embedding modules only (merge and svd take it)")
 
     # ---- tensors ---------------------------------------------------------------------------
 
@@ -535,19 +568,21 @@ class Adapter:
         return self.modules[path] if path in self.modules else self.expert_slices[path]
 
     def factors(self, path: str) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """(A, B) as stored: A (r, in), B (out, r) — embeddings: A (r, num), B (dim, r); an expert
-        slice's cut out of the fused factors."""
+        """(A, B) as matrices: A (r, in), B (out, r) — embeddings: A (r, num), B (dim, r); a ConvNd's
+        A (r, in·Πkernel) and B (out, r), its stored kernels' matrix views (ΔW = s·B@A is then the
+        (out, in·Πkernel) view of the 3-5-D weight, as PEFT's B⊛A); an expert slice's cut out of the
+        fused factors."""
         module = self.module(path)
         if module.expert:
             return module.expert.cut(self._fused_factor("tensor", module.a_key), self._fused_factor("tensor", module.b_key))
-        return self.tensors.get(module.a_key), self.tensors.get(module.b_key)
+        return _matrices(module, self.tensors.get(module.a_key), self.tensors.get(module.b_key))
 
     def factor_arrays(self, path: str):
         """factors() as numpy arrays, read without importing torch (bf16 widened to float32)."""
         module = self.module(path)
         if module.expert:
             return module.expert.cut(self._fused_factor("array", module.a_key), self._fused_factor("array", module.b_key))
-        return self.tensors.array(module.a_key), self.tensors.array(module.b_key)
+        return _matrices(module, self.tensors.array(module.a_key), self.tensors.array(module.b_key))
 
     def _fused_factor(self, kind: str, key: str):
         if (kind, key) not in self._fused:
@@ -557,8 +592,8 @@ class Adapter:
         return self._fused[(kind, key)]
 
     def delta(self, path: str, device: "torch.device | str | None" = None) -> "torch.Tensor":
-        """ΔW = s·B@A in float32, in the base weight's own orientation (transposed for Conv1D
-        and embeddings)."""
+        """ΔW = s·B@A in float32, in the base weight's own orientation and shape (transposed for
+        Conv1D and embeddings; a ConvNd's (out, in, *kernel))."""
         import torch
 
         module = self.module(path)
@@ -566,7 +601,7 @@ class Adapter:
         if module.diag_key:  # KaSA
             b = b * self.tensors.get(module.diag_key).to(device=device, dtype=torch.float32)
         delta = (b @ a).mul_(module.scaling)
-        return module.layout.lora_view(delta)
+        return module.layout.lora_view(delta).reshape(module.weight_shape)
 
     def state_dict(self) -> dict[str, "torch.Tensor"]:
         """Every tensor of the adapter, loaded, under its PEFT key."""
@@ -585,3 +620,68 @@ def _variant_part(rel: str) -> str | None:
 
 def _factor_parts(ps: dict[str, str]) -> bool:
     return any(p in ps for p in (*FACTOR_PARTS[False], *FACTOR_PARTS[True]))
+
+
+def _matrices(module: LoraModule, a, b):
+    """A and B (torch tensors or numpy arrays) as matrices: a ConvNd's kernels flattened, BD-LoRA's
+    block-diagonal factor expanded from its saved blocks."""
+    if module.kernel:
+        return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if module.blocks is not None:
+        side, n = module.blocks
+        return (_block_diagonal(a, n), b) if side == "A" else (a, _block_diagonal(b, n))
+    return a, b
+
+
+def _block_diagonal(saved, n: int):
+    """PEFT's BlockDiagonalLinear.weight_as_blockdiagonal_matrix: the saved (rows, cols) weight's
+    n chunks of rows/n rows, placed on the diagonal of a (rows, n·cols) matrix of zeros."""
+    import numpy as np
+
+    rows, cols = saved.shape
+    step = rows // n
+    if isinstance(saved, np.ndarray):
+        full = np.zeros((rows, n * cols), dtype=saved.dtype)
+    else:
+        full = saved.new_zeros((rows, n * cols))
+    for i in range(n):
+        full[i * step:(i + 1) * step, i * cols:(i + 1) * cols] = saved[i * step:(i + 1) * step]
+    return full
+
+
+def _expanded_shapes(a_shape, b_shape, blocks: tuple[str, int] | None):
+    """The shapes of A and B once BD-LoRA's block-diagonal factor is expanded ((None, None) when
+    its rows are not nblocks equal chunks)."""
+    if blocks is None:
+        return tuple(a_shape), tuple(b_shape)
+    side, n = blocks
+    rows, cols = a_shape if side == "A" else b_shape
+    if rows % n:
+        return None, None
+    full = (rows, cols * n)
+    return (full, tuple(b_shape)) if side == "A" else (tuple(a_shape), full)
+
+
+def _conv_kernel(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The kernel size of a ConvNd LoRA (PEFT's _ConvNd: lora_A (r, in, *kernel), lora_B (out, r, 1, …)),
+    or None for 2-D factors. 3-, 4- and 5-D factors are nn.Conv1d, Conv2d and Conv3d."""
+    return tuple(a_shape[2:]) if 3 <= max(len(a_shape), len(b_shape)) <= 5 else None
+
+
+def _conv_problem(path: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> LoraToolsError | None:
+    """Why these are not the factors of a ConvNd LoRA that merges as PEFT merges it, or None.
+
+    PEFT's ΔW = s·B⊛A (lora_B's 1x1 kernel contracted with lora_A's r output channels at every
+    kernel position) is, on the weight's (out, in·Πkernel) matrix view, s·B·A of the factors'
+    matrix views: the merge of a Linear."""
+    shapes = f"lora_A {list(a_shape)}, lora_B {list(b_shape)}"
+    if len(a_shape) != len(b_shape) or 0 in a_shape or 0 in b_shape or any(k != 1 for k in b_shape[2:]):
+        return ShapeError(f"module {path}: {shapes} are not the factors of a convolution's LoRA (PEFT's lora_A "
+                          "(r, in, *kernel) and lora_B (out, r, 1, …), of one dimension count)", code="conv-factor")
+    rank, b_rank = a_shape[0], b_shape[1]
+    if b_rank != rank and rank % b_rank == 0:
+        return UnsupportedError(
+            f"module {path}: {shapes}: a LoRA on a grouped convolution (groups={rank // b_rank}); its lora_A reaches "
+            "every input channel while the base weight connects each output only to its own group, so no weight of "
+            "the base's shape computes it, and PEFT's merge_and_unload refuses it too (groups > 1)", code="conv-groups")
+    return None

@@ -290,8 +290,9 @@ _VARIANT_FIELDS = (
 )
 # Merged exactly: DoRA (renormalised), KaSA (B·diag(d)·A on the SVD-truncated base), MiCA (plain LoRA),
 # VeLoRA and MonteCLoRA (plain s·B·A outside training: PEFT merges and serves get_delta_weight; their
-# own tensors, VeLoRA's projection and MonteCLoRA's sampler, act only in a training step).
-MERGEABLE_VARIANTS = frozenset({"dora", "kasa", "mica", "velora", "monteclora"})
+# own tensors, VeLoRA's projection and MonteCLoRA's sampler, act only in a training step), BD-LoRA
+# (its block-diagonal factor expanded from the saved blocks when read: Adapter.factors).
+MERGEABLE_VARIANTS = frozenset({"dora", "kasa", "mica", "velora", "monteclora", "bdlora"})
 # Variants whose saved tensors beyond A and B only training reads: svd analyses them as s·B·A, but a
 # rewritten adapter could not carry those tensors, and PEFT would load it with them missing.
 TRAINING_STATE_VARIANTS = {"velora": "lora_velora_embed", "monteclora": "lora_monteclora_sampler.*"}
@@ -314,12 +315,12 @@ def variant_refusals(raw: dict[str, Any], merging: bool, analysis: bool = False)
     when they can."""
     reasons = []
     variants = lora_variants(raw)
-    allowed = MERGEABLE_VARIANTS if merging else {"dora", "mica", *(TRAINING_STATE_VARIANTS if analysis else ())}
+    allowed = MERGEABLE_VARIANTS if merging else {"dora", "mica", *(("bdlora", *TRAINING_STATE_VARIANTS) if analysis else ())}
     for variant in variants:
         if variant == "alora":
             reasons.append("aLoRA (alora_invocation_tokens) acts only after its invocation tokens, so it cannot be "
                            "merged into weights (PEFT refuses too)")
-        elif variant == "bdlora":
+        elif variant == "bdlora" and variant not in allowed:
             reasons.append(bdlora_refusal(raw.get("use_bdlora")))
         elif variant in TRAINING_STATE_VARIANTS and variant not in allowed:
             reasons.append(f"LoRA variant {variant}: its ΔW is s·B·A, but its training-only tensors "
@@ -334,14 +335,32 @@ def variant_refusals(raw: dict[str, Any], merging: bool, analysis: bool = False)
 
 
 def bdlora_refusal(bd: Any) -> str:
-    """BD-LoRA (PEFT's BlockDiagonalLinear): the block-diagonal factor is saved as its blocks, so
-    the file's A and B do not multiply to ΔW."""
-    bd = bd if isinstance(bd, dict) else {}
-    blocks = bd.get("nblocks", 1)
+    """BD-LoRA (PEFT's BlockDiagonalLinear) in a rewritten adapter: its block-diagonal factors are
+    saved as their blocks, which convert/combine/resize would have to keep as blocks."""
+    blocks = (bd if isinstance(bd, dict) else {}).get("nblocks", 1)
     return (f"BD-LoRA (use_bdlora, nblocks={blocks}): PEFT saves each block-diagonal factor as its {blocks} diagonal "
-            f"blocks side by side (lora_A [r, in/{blocks}] for target_modules_bd_a {bd.get('target_modules_bd_a')}, "
-            f"lora_B [out, r/{blocks}] for target_modules_bd_b {bd.get('target_modules_bd_b')}) and merges "
-            "s·B·block_diag(A) or s·block_diag(B)·A, not s·B·A of the saved tensors; loratools does not expand the blocks")
+            "blocks, and a rewritten adapter would have to keep that structure (loratools merge, export and svd "
+            "expand the blocks and support it)")
+
+
+def bdlora_blocks(raw: dict[str, Any], path: str) -> tuple[str, int] | None:
+    """("A" or "B", nblocks) when BD-LoRA makes module `path`'s A or B block-diagonal, else None.
+    PEFT's rule: a pattern of target_modules_bd_a (bd_b) that is a substring of the module's name;
+    matching both is PEFT's error."""
+    bd = raw.get("use_bdlora")
+    if not isinstance(bd, dict):
+        return None
+    nblocks = bd.get("nblocks", 1)
+    sides = [side for side, key in (("A", "target_modules_bd_a"), ("B", "target_modules_bd_b"))
+             if any(isinstance(p, str) and p in path for p in bd.get(key) or ())]
+    if len(sides) > 1:
+        raise ConfigError(f"module {path}: matches both target_modules_bd_a and target_modules_bd_b of use_bdlora "
+                          "(PEFT refuses it)", code="config-field")
+    if not sides:
+        return None
+    if not isinstance(nblocks, int) or isinstance(nblocks, bool) or nblocks < 1:
+        raise ConfigError(f"use_bdlora.nblocks must be a positive integer, got {nblocks!r}", code="config-field")
+    return sides[0], nblocks
 
 
 def refusals(raw: dict[str, Any], merging: bool, convertible_init: bool = True) -> list[str]:

@@ -260,6 +260,58 @@ def test_adalora_mask_for_a_missing_module(tmp_path, key):
     assert run_cli("info", adalora_adapter(tmp_path / "fine", {})).returncode == 0
 
 
+# ---- bitsandbytes 4-bit bases: a NaN/Inf scale is refused when the base is opened ---------------
+
+
+@pytest.fixture(scope="module")
+def bnb_bases(tmp_path_factory):
+    """A tiny LLaMA saved by transformers + bitsandbytes in 4 bits, with double quant (absmax U8,
+    nested_absmax F32) and without (absmax F32), and a LoRA adapter on its q_proj."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tests.quantized_models import save_bf16, save_bnb4, tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("bnb")
+    base16 = save_bf16("llama", root / "b16")
+    bases = {True: save_bnb4(base16, root / "nested", "nf4", double_quant=True),
+             False: save_bnb4(base16, root / "plain", "fp4", double_quant=False)}
+    torch.manual_seed(5)
+    model = get_peft_model(tiny_causal_lm("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(root / "adapter")
+    return bases, root / "adapter"
+
+
+@pytest.mark.parametrize("nested,part", [(True, "nested_absmax"), (True, "quant_map"), (True, "nested_quant_map"),
+                                         (False, "absmax"), (False, "quant_map")])
+@pytest.mark.parametrize("weight", ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_non_finite_bnb_scale_fails_validate_and_info_base_as_merge(bnb_bases, tmp_path, nested, part, weight, value):
+    """Under the adapter or not, a NaN/Inf absmax (or code value) makes its block of the weight
+    NaN/Inf: merge refuses the base when it opens it, so validate --base and info --base say the
+    same line (quant-state) and nothing is written."""
+    import torch
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+    bases, adapter = bnb_bases
+    base = tmp_path / "base"
+    shutil.copytree(bases[nested], base)
+    key = f"{weight}.{part}"
+    tensors = load_torch(str(base / "model.safetensors"))  # bf16 tensors besides: numpy cannot hold them
+    assert tensors[key].dtype == torch.float32
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[-1] = value
+    save_torch(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+
+    fragment = f"{key}: a bitsandbytes {part} value is NaN or Inf, so {weight} is not finite"
+    assert_clean_error(run_cli("merge", base, adapter, tmp_path / "out"), fragment, code=1)
+    assert_nothing_written(tmp_path / "out")
+    assert_clean_error(run_cli("info", adapter, "--base", base), fragment, code=1)
+    result = run_cli("validate", adapter, "--base", base)
+    assert_clean_error(result, fragment, code=1)
+    assert run_cli("validate", adapter, "--base", bases[nested]).returncode == 0
+
+
 # ---- failing disks: a write that fails is one line, and leaves nothing ------------------------------
 
 

@@ -205,6 +205,8 @@ WRITERS = {
     "combine": lambda out: ["combine", ADAPTERS / "llama-basic", ADAPTERS / "llama-rslora-patterns", "--out", out],
     "extract": lambda out: ["extract", BASES / "llama", BASES_TUNED, out, "--rank", "2"],
     "merge": lambda out: ["merge", BASES / "llama", ADAPTERS / "llama-basic", out],
+    # shards, an index and a config.json rewritten for the new dtype: every kind of file merge writes
+    "merge-sharded": lambda out: ["merge", BASES / "llama-sharded", ADAPTERS / "llama-basic", out, "--dtype", "bfloat16"],
     "export": lambda out: ["export", ADAPTERS / "llama-basic", f"{out}.gguf", "--base", BASES / "llama"],
 }
 BASES_TUNED: Path | None = None  # set by _tuned_base
@@ -291,9 +293,8 @@ def test_creating_the_output_fails(tmp_path, monkeypatch, capsys, command, call,
     _check_code(args, out, command, call, error, code, monkeypatch)
 
 
-# export creates its one file with os.open (mkstemp), never os.mkdir (its directory exists);
-# merge's shards are opened by Python's open(), which os.open does not see.
-CREATES_NOTHING_BY = {("mkdir", "export"), ("open", "merge")}
+# export creates its one file with os.open (mkstemp), never os.mkdir (its directory exists).
+CREATES_NOTHING_BY = {("mkdir", "export")}
 
 
 def _fail_creating(monkeypatch, call: str, error: int) -> None:
@@ -342,7 +343,7 @@ def test_a_full_disk_while_writing(tmp_path, monkeypatch, capsys, command):
     only(tmp_path)
 
 
-@pytest.mark.parametrize("command", ["convert", "resize", "combine", "extract", "merge"])
+@pytest.mark.parametrize("command", ["convert", "resize", "combine", "extract", "merge", "merge-sharded"])
 def test_short_writes_are_completed(tmp_path, monkeypatch, capsys, command):
     """os.write taking at most 7 bytes at a time: the output is complete all the same."""
     out = tmp_path / "out"
@@ -364,6 +365,71 @@ def test_a_write_that_takes_nothing_is_an_error_not_a_loop(tmp_path, monkeypatch
     status, _, err = run_in_process(capsys, "convert", ADAPTERS / "llama-basic", out, "--to-lora")
     monkeypatch.undo()
     assert_one_line_error(status, err, "the disk took no bytes of a write", "nothing was written")
+    only(tmp_path)
+
+
+def _fd_name(fd: int) -> str:
+    return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+
+def _fail_at_file(patch, name: str, occurrence: int, stage: str, fault: str) -> dict[str, bool]:
+    """The `occurrence`-th file named `name` an output creates fails: when it is created (os.open
+    with O_CREAT) or when it is written (os.write; "short": half of the first write taken, then
+    ENOSPC). Returns a flag that says whether the fault was reached."""
+    errnum = {"ENOSPC": errno.ENOSPC, "EROFS": errno.EROFS, "short": errno.ENOSPC}[fault]
+    real_open, real_write = os.open, os.write
+    state = {"opened": 0, "fired": False, "short": False}
+
+    def open_(path, flags, *rest, **kw):
+        if flags & os.O_CREAT and os.path.basename(os.fspath(path)) == name:
+            state["opened"] += 1
+            if state["opened"] == occurrence and stage == "create":
+                state["fired"] = True
+                raise OSError(errnum, os.strerror(errnum), os.fspath(path))
+        return real_open(path, flags, *rest, **kw)
+
+    def write(fd, data):  # a shard is created here and written through a descriptor of its own
+        if stage == "write" and state["opened"] == occurrence and _fd_name(fd) == name:
+            state["fired"] = True
+            view = memoryview(data).cast("B")
+            if fault == "short" and not state["short"] and view.nbytes > 1:
+                state["short"] = True
+                return real_write(fd, view[: view.nbytes // 2])
+            raise OSError(errnum, os.strerror(errnum))
+        return real_write(fd, data)
+
+    patch.setattr(os, "open", open_)
+    patch.setattr(os, "write", write)
+    return state
+
+
+# config.json is created twice in OUT: copied from BASE, then rewritten with the new dtype.
+MERGE_FILES = [("model.safetensors.index.json", 1), ("config.json", 2), ("model-00002-of-00004.safetensors", 1)]
+
+
+@pytest.mark.parametrize("name, occurrence", MERGE_FILES, ids=[n for n, _ in MERGE_FILES])
+@pytest.mark.parametrize("stage, fault, code", [("create", "EROFS", "read-only"), ("create", "ENOSPC", "no-space"),
+                                                ("write", "ENOSPC", "no-space"), ("write", "EROFS", "read-only"),
+                                                ("write", "short", "no-space")])
+def test_merge_index_config_and_shards_fail_as_one_line(tmp_path, capsys, name, occurrence, stage, fault, code):
+    """merge's index, its rewritten config.json and its shards are created and written through the
+    checked writer (formats/atomic.py) like every other output file: a failure there is one line
+    with its code, and no OUT and no temporary are left."""
+    from loratools.cli import main
+
+    out = tmp_path / "out"
+    args = WRITERS["merge-sharded"](out)
+    with pytest.MonkeyPatch.context() as patch:
+        reached = _fail_at_file(patch, name, occurrence, stage, fault)
+        status, _, err = run_in_process(capsys, *args)
+    assert reached["fired"], f"the fault at {stage} of {name} (#{occurrence}) was never reached"
+    assert_one_line_error(status, err, os.strerror(errno.EROFS if fault == "EROFS" else errno.ENOSPC), "nothing was written")
+    only(tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        _fail_at_file(patch, name, occurrence, stage, fault)
+        with pytest.raises(LoraToolsError) as caught:
+            main(["--debug", *map(str, args)], prog_name="loratools", standalone_mode=False)
+    assert caught.value.code == code, caught.value
     only(tmp_path)
 
 
@@ -501,9 +567,11 @@ def _reference(command: str, capsys) -> dict[str, bytes]:
     return _REFERENCES[command]
 
 
-def _inject(patch, call: str, fault: str, index: int) -> None:
+def _inject(patch, call: str, fault: str, index: int, json_only: bool = False) -> None:
     """Make the `index`-th call of `call` (os.write, os.open creating a file, or the final
-    rename) fail with `fault`: an errno, or "short" (half the bytes, then ENOSPC on the next)."""
+    rename) fail with `fault`: an errno, or "short" (half the bytes, then ENOSPC on the next).
+    json_only: count only the calls on .json files (adapter_config.json, merge's index and
+    config.json), which come after the tensors and a small `index` would not reach."""
     from loratools.formats import atomic
 
     count = {"n": 0}
@@ -517,7 +585,7 @@ def _inject(patch, call: str, fault: str, index: int) -> None:
         real_write = os.write
 
         def write(fd, data):
-            if not due():
+            if json_only and not _fd_name(fd).endswith(".json") or not due():
                 return real_write(fd, data)
             view = memoryview(data).cast("B")
             if fault == "short" and count["n"] == index and view.nbytes > 1:
@@ -529,7 +597,8 @@ def _inject(patch, call: str, fault: str, index: int) -> None:
         real_open = os.open
 
         def open_(path, flags, *rest, **kw):
-            if flags & os.O_CREAT and due():
+            counted = not json_only or os.fspath(path).endswith(".json")
+            if flags & os.O_CREAT and counted and due():
                 raise OSError(errnum, os.strerror(errnum), os.fspath(path))
             return real_open(path, flags, *rest, **kw)
 
@@ -553,13 +622,28 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 @given(command=st.sampled_from(sorted(WRITERS)), call=st.sampled_from(["write", "open", "rename"]),
        fault=st.sampled_from(["short", "ENOSPC", "EROFS", "ENAMETOOLONG"]), index=st.integers(1, 6))
 def test_any_write_failing_leaves_nothing_or_a_complete_output(capsys, command, call, fault, index):
+    _run_with_fault(capsys, command, call, fault, index)
+
+
+# merge of a sharded base with --dtype creates 4 JSON files (the index, config.json and
+# generation_config.json copied, config.json rewritten), after the shards: indexes 1-4 reach each.
+@settings(max_examples=24, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["merge-sharded", "convert"]), call=st.sampled_from(["write", "open"]),
+       fault=st.sampled_from(["short", "ENOSPC", "EROFS", "ENAMETOOLONG"]), index=st.integers(1, 4))
+def test_a_json_write_failing_leaves_nothing_or_a_complete_output(capsys, command, call, fault, index):
+    _run_with_fault(capsys, command, call, fault, index, json_only=True)
+
+
+def _run_with_fault(capsys, command: str, call: str, fault: str, index: int, json_only: bool = False) -> None:
+    """The command with one fault injected (_inject): it exits 0 with the output it writes when
+    nothing fails, or fails in one line leaving nothing."""
     import tempfile
 
     expected = _reference(command, capsys)
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
         root = Path(tmp)
         out = root / "out"
-        _inject(patch, call, fault, index)
+        _inject(patch, call, fault, index, json_only)
         status, _, err = run_in_process(capsys, *WRITERS[command](out))
         patch.undo()
         if status == 0:

@@ -73,16 +73,21 @@ def test_training_state_variants_merge_as_peft(tmp_path, variant, config, own_te
     assert not (tmp_path / "r").exists()
 
 
-# ---- 2. BD-LoRA: the saved A is its diagonal blocks ---------------------------------------------
+# ---- 2. BD-LoRA: the block-diagonal factor is saved as its diagonal blocks -----------------------
 
-def test_bdlora_with_a_block_diagonal_is_refused_with_the_reason(tmp_path):
-    """With only A block-diagonal (o_proj, down_proj, as BD-LoRA's guide has it), PEFT saves lora_A
-    as [r, in/nblocks] — the blocks side by side — and merges s·B·block_diag(A): not s·B·A of the
-    saved tensors (which do not even multiply to the weight's shape)."""
+@pytest.mark.parametrize("bd", [{"target_modules_bd_a": ["o_proj", "down_proj"]},
+                                {"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "up_proj"]}],
+                         ids=["A", "A-and-B"])
+def test_bdlora_merges_as_peft(tmp_path, bd):
+    """PEFT saves a block-diagonal lora_A as [r, in/nblocks] (lora_B as [out, r/nblocks]) — its
+    blocks stacked — and merges s·B·block_diag(A) (s·block_diag(B)·A): not s·B·A of the saved
+    tensors, which do not even multiply to the weight's shape. loratools expands the blocks on
+    reading and merges PEFT's weights; rewriting the adapter is refused (it would lose the blocks)."""
     from tests.peft_ref import peft_merged_state_dict
 
-    bd = _lora_config("BdLoraConfig", target_modules_bd_a=["o_proj", "down_proj"], nblocks=2)
-    base_dir, adapter_dir = peft_adapter(tmp_path, llama, target_modules=["o_proj", "down_proj"], use_bdlora=bd)
+    targets = ["o_proj", "down_proj", *bd.get("target_modules_bd_b", [])]
+    config = _lora_config("BdLoraConfig", nblocks=2, **bd)
+    base_dir, adapter_dir = peft_adapter(tmp_path, llama, target_modules=targets, use_bdlora=config)
     saved, base = adapter_tensors(adapter_dir), merged_tensors(base_dir)
     reference = peft_merged_state_dict("llama", base_dir, adapter_dir)
     module = "model.layers.0.self_attn.o_proj"
@@ -91,13 +96,33 @@ def test_bdlora_with_a_block_diagonal_is_refused_with_the_reason(tmp_path):
     delta = 2.0 * b @ torch.block_diag(*torch.chunk(a, 2, dim=0))
     assert delta.abs().max() > 1e-3
     torch.testing.assert_close(reference[f"{module}.weight"], base[f"{module}.weight"] + delta, rtol=1e-6, atol=1e-6)
+    if "target_modules_bd_b" in bd:
+        assert list(saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape) == [16, 1]
 
-    result = run_cli("merge", base_dir, adapter_dir, tmp_path / "out")
-    assert_clean_error(result, "BD-LoRA", "nblocks=2", "s·B·block_diag(A)", "not s·B·A of the saved tensors", code=1)
-    assert not (tmp_path / "out").exists()
-    findings = [f for r in json.loads(run_cli("validate", adapter_dir, "--json").stdout)["results"] for f in r["findings"]]
-    assert [f["code"] for f in findings if f["severity"] == "error"] == ["unsupported"]
-    assert "s·B·block_diag(A)" in findings[0]["message"]
+    ours, _ = merge_matches_peft(tmp_path, base_dir, adapter_dir)
+    changed = {k for k in ours if not torch.equal(ours[k], base[k])}
+    assert changed == {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in
+                       ("self_attn.o_proj", "mlp.down_proj", *(("self_attn.q_proj", "mlp.up_proj") if "target_modules_bd_b" in bd else ()))}
+    torch.testing.assert_close(outputs(load_base("llama", tmp_path / "out"), "llama"),
+                               outputs(peft_model(llama, adapter_dir), "llama"), rtol=1e-4, atol=1e-5)
+    assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0
+    info = json.loads(run_cli("info", adapter_dir, "--json").stdout)
+    assert info["variants"] == ["bdlora"] and info["unknown_keys"] == [] and info["refusals"]["merge"] == []
+    shapes = {m["name"]: m["weight_shape"] for m in info["modules"]}
+    assert shapes[module] == [16, 16]
+    svd = json.loads(run_cli("svd", adapter_dir, "--json").stdout)
+    sigma = next(m["singular_values"] for m in svd["modules"] if m["name"] == module)
+    torch.testing.assert_close(torch.tensor(sigma, dtype=torch.float64), torch.linalg.svdvals(delta.double())[:2], rtol=1e-4, atol=1e-6)
+    # export writes the expanded (plain) factors, which llama.cpp applies as a plain LoRA
+    assert run_cli("export", adapter_dir, tmp_path / "a.gguf", "--base", base_dir).returncode == 0
+    import gguf
+
+    written = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(str(tmp_path / "a.gguf")).tensors}
+    torch.testing.assert_close(written["blk.0.attn_output.weight.lora_a"].reshape(2, 16), torch.block_diag(*torch.chunk(a, 2, dim=0)),
+                               rtol=0, atol=0)
+    result = run_cli("resize", adapter_dir, tmp_path / "r", "--rank", "1")
+    assert_clean_error(result, "BD-LoRA", "nblocks=2", "a rewritten adapter would have to keep that structure", code=1)
+    assert not (tmp_path / "r").exists()
 
 
 # ---- 3. GPT-NeoX's head: the module lm_head, saved as embed_out ---------------------------------
@@ -179,7 +204,7 @@ def test_nemotron_h_merges_as_peft(tmp_path):
     assert run_cli("validate", adapter_dir, "--base", base_dir).returncode == 0
 
 
-# ---- 5. Conv2d LoRA: still refused, with PEFT's formula as the reason ----------------------------
+# ---- 5. Conv2d LoRA: merged as PEFT merges it (more in tests/test_conv2d.py) ---------------------
 
 class TinyConvNet(torch.nn.Module):
     def __init__(self):
@@ -192,10 +217,10 @@ class TinyConvNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("target,kernel", [("conv", 3), ("proj", 1)])
-def test_conv2d_lora_is_refused_with_the_reason(tmp_path, target, kernel):
+def test_conv2d_lora_merges_as_peft(tmp_path, target, kernel):
     """PEFT's Conv2d LoRA (lora_A a kxk Conv2d to r channels, lora_B 1x1): its merge is
-    ΔW[o, i] = s·Σ_r B[o, r]·A[r, i] at every kernel position — checked here — a 4-D weight
-    loratools does not merge; the refusal says so and writes nothing."""
+    ΔW[o, i] = s·Σ_r B[o, r]·A[r, i] at every kernel position — checked here —, which loratools
+    merges (a bare .safetensors base, the module found by its path) to PEFT's weights."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
@@ -219,7 +244,30 @@ def test_conv2d_lora_is_refused_with_the_reason(tmp_path, target, kernel):
     torch.testing.assert_close(merged[f"{target}.weight"], base[f"{target}.weight"] + delta, rtol=1e-6, atol=1e-6)
 
     result = run_cli("merge", tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out")
-    assert_clean_error(result, "Conv2d LoRA", "s·B⊛A", "2-D weights only", code=1)
-    assert not (tmp_path / "out").exists()
-    findings = [f for r in json.loads(run_cli("validate", tmp_path / "adapter", "--json").stdout)["results"] for f in r["findings"]]
-    assert "conv2d-factor" in [f["code"] for f in findings]
+    assert result.returncode == 0, result.stderr
+    ours = merged_tensors(tmp_path / "out")
+    assert_matches_peft(ours, merged)
+    assert {k for k in ours if not torch.equal(ours[k], base[k])} == {f"{target}.weight"}
+    assert run_cli("validate", tmp_path / "adapter", "--base", tmp_path / "base.safetensors").returncode == 0
+
+
+@pytest.mark.parametrize("bd,code,fragment", [
+    ({"nblocks": 3, "target_modules_bd_a": ["o_proj"]}, "bdlora-blocks", "nblocks=3 must divide its 2 rows"),
+    ({"nblocks": 2, "target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["proj"]}, "config-field",
+     "matches both target_modules_bd_a and target_modules_bd_b"),
+])
+def test_bdlora_blocks_that_do_not_fit(tmp_path, bd, code, fragment):
+    """Blocks PEFT could not have saved: validate names the module, merge refuses in one line."""
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["o_proj"], "use_bdlora": bd}))
+    key = "base_model.model.model.layers.0.self_attn.o_proj"
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 8), f"{key}.lora_B.weight": torch.ones(16, 2)},
+              str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    findings = json.loads(run_cli("validate", adapter, "--json").stdout)["results"][0]["findings"]
+    assert [(f["code"], f["module"]) for f in findings] == [(code, "model.layers.0.self_attn.o_proj")]
+    assert fragment in findings[0]["message"]
+    assert_clean_error(run_cli("svd", adapter), fragment, code=1)

@@ -115,8 +115,6 @@ def _lora_config(name, **kwargs):
 
 
 @pytest.mark.parametrize("variant,config,message", [
-    ("bdlora", lambda: {"target_modules": ["q_proj", "v_proj"], "use_bdlora": _lora_config(
-        "BdLoraConfig", target_modules_bd_a=["q_proj"], target_modules_bd_b=["v_proj"], nblocks=2)}, "not s·B·A of the saved tensors"),
     ("qalora", lambda: {"use_qalora": True}, "unsupported LoRA variant qalora"),
     ("alora", lambda: {"alora_invocation_tokens": [3, 4]}, "aLoRA"),
     ("layer_replication", lambda: {"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),

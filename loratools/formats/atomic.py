@@ -114,9 +114,17 @@ def write_all(fd: int, data) -> int:
     return total
 
 
+def create(path: str | os.PathLike, mode: int | None = None) -> int:
+    """Open a new (or emptied) file `path` for writing and return its descriptor: every file of an
+    output is created here, with os.open, so that a failure to create it (EROFS, ENOSPC for the
+    inode, EACCES) is an OSError that _write_errors turns into one line."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
-    """A new file `path` holding exactly `data` (inside a temporary of atomic_dir/atomic_file)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
+    """A file `path` holding exactly `data` (inside a temporary of atomic_dir/atomic_file); one
+    that exists is replaced (emptied first)."""
+    fd = create(path, mode)
     try:
         write_all(fd, data)
         check_size(path, len(data), fd)
@@ -132,7 +140,7 @@ def copy_regular(src: str | os.PathLike, dst: str | os.PathLike, mode: int | Non
 
     with open_regular(src) as fh:
         size = os.fstat(fh.fileno()).st_size
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
+        fd = create(dst, mode)
         try:
             done = 0
             while done < size:

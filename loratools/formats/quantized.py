@@ -132,6 +132,16 @@ def _bnb_weight(state_name: str, info: TensorInfo, headers, weight_map, path_of)
             raise FormatError(f"{where}: {tensor} is {have.dtype}{list(have.shape)}, the quant state "
                               f"({quant_type}, shape {shape}, blocksize {blocksize}) needs {want_dtype} with {want_numel[0]} values",
                               code="quant-state")
+    # Every value is code·absmax (absmax itself code·nested_absmax + offset with double quant): a
+    # NaN/Inf scale or code value makes its block NaN/Inf, which merge would refuse as non-finite
+    # output; said when the base is opened, validate --base and info --base say it too.
+    for role in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+        tensor = parts.get(role)
+        if tensor is not None and expect.get(role, ("",))[0] == "F32":
+            shard = weight_map[tensor]
+            if not raw_values(SafetensorsStore(path_of(shard), headers[shard]), tensor)[0]:
+                raise FormatError(f"{tensor}: a bitsandbytes {role} value is NaN or Inf, so {name} is not finite where "
+                                  "it applies; the checkpoint is corrupt", code="quant-state")
     return QuantizedWeight(name, quant_type, tuple(shape), BNB_DTYPES[dtype], (blocksize,), parts,
                            int(nested_blocksize), float(offset))
 

@@ -147,7 +147,8 @@ def adapter_info(adapter: Adapter) -> InfoReport:
         ],
         trainable_tokens=[{"module": t.path, "tokens": len(t.indices)} for t in adapter.trainable_tokens],
         variants=list(cfg.variants),
-        refusals={"merge": cfg.refusals(merging=True), "rewrite": cfg.refusals(merging=False)},
+        refusals={"merge": cfg.refusals(merging=True),
+                  "rewrite": cfg.refusals(merging=False) + [r for r in [adapter.conv_refusal("convert/combine/resize")] if r]},
         unknown_keys=list(adapter.unknown_keys),
         variant_keys=list(adapter.variant_keys),
     )

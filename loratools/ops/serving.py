@@ -249,6 +249,16 @@ def _stacked(adapter: Adapter, groups: tuple[tuple[str, tuple[str, ...], tuple[s
     return hits
 
 
+def _conv(adapter: Adapter, layers: str) -> list[Hit]:
+    """Modules that are a convolution's LoRA (nn.Conv1d/2d/3d: lora_A has kernel dims)."""
+    convs = [(p, m) for p, m in adapter.modules.items() if m.kernel]
+    if not convs:
+        return []
+    first = convs[0][1]
+    return _first(convs, layers=layers, conv=f"Conv{len(first.kernel)}d",
+                  shape=list(adapter.tensors.meta(first.a_key).shape))
+
+
 def _gguf_blockers(adapter: Adapter, _: Any) -> list[Hit]:
     return [(path, {"reason": reason}) for path, reason in gguf_blockers(adapter)]
 
@@ -278,6 +288,7 @@ CHECKS: dict[str, Callable[[Adapter, Any], list[Hit]]] = {
     "unknown_modules": _unknown_modules,
     "target_modules_string": _target_modules_string,
     "stacked": _stacked,
+    "conv": _conv,
     "gguf_blockers": _gguf_blockers,
     "gguf_arch": _gguf_arch,
 }

@@ -19,6 +19,13 @@ FROM_INITIAL = ("loratools convert ADAPTER OUT --to-lora --initial INITIAL_DIR w
 NO_CONVERSION = "no loratools command converts it; serve it with PEFT, or retrain without it"
 IF_EMBEDDING_CHANGED = "if the adapter resized or trained that embedding, " + MERGE
 
+# A convolution's LoRA (PEFT's _ConvNd: lora_A (r, in, *kernel)): no runtime here has a LoRA
+# layer for a convolution; each rule gives, as its param, the layers it does have one for.
+CONV_UNSERVED = ("applies LoRA to {layers} only: it cannot serve the convolution LoRA of {n} module(s), e.g. {module} "
+                 "(an nn.{conv}, lora_A {shape})")
+FROM_CONV = ("loratools merge BASE ADAPTER OUT writes the merged weights (as PEFT's merge_and_unload), for a runtime "
+             "that serves the model itself")
+
 # What a runtime that does not read a field does with it.
 INIT_UNREAD = ("does not read init_lora_weights={init!r}: it serves the adapter as trained, which is right only on "
                "the base PEFT rewrote at initialisation")

@@ -10,12 +10,16 @@ lora_alpha); the converter stops on tensors other than lora_A/lora_B.
 from __future__ import annotations
 
 from . import Rule, Runtime
-from .common import TO_PLAIN
+from .common import CONV_UNSERVED, FROM_CONV, TO_PLAIN
 
 RULES = (
     Rule("llamacpp-peft-type", "peft_type", "error", "reads peft_type LORA adapters only; this is {peft_type}", TO_PLAIN,
          "convert_lora_to_gguf.py"),
     Rule("llamacpp-unsupported", "gguf_blockers", "error", "cannot take it: {reason}", "", "convert_lora_to_gguf.py"),
+    # The loader checks lora_a/lora_b as 2-D against the weight's two dims and applies them as a matrix
+    # product (llm_build_lora_mm); the converter's model classes are language models only.
+    Rule("llamacpp-conv", "conv", "error", CONV_UNSERVED, FROM_CONV, "src/llama-adapter.cpp, convert_lora_to_gguf.py",
+         param="the 2-D weights of the language models it implements (a matrix product)"),
     Rule("llamacpp-scaling", "own_scaling", "warning",
          "scales each module by the file's one lora_alpha over its rank (no rsLoRA, no alpha_pattern): {n} module(s) "
          "are scaled otherwise, e.g. {module} at {own:g}, which its own converter would serve at {served:g}",

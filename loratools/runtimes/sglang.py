@@ -13,8 +13,8 @@ qkv_proj and gate_up_proj; a tensor of a targeted module that is not lora_A goes
 from __future__ import annotations
 
 from . import Option, RankLimit, Rule, Runtime
-from .common import (FEATURE_UNREAD, FEATURES, FROM_DORA, FROM_INITIAL, IF_EMBEDDING_CHANGED, INIT_UNREAD, MERGE,
-                     NO_CONVERSION, TO_PLAIN, TO_SCALING_1)
+from .common import (CONV_UNSERVED, FEATURE_UNREAD, FEATURES, FROM_CONV, FROM_DORA, FROM_INITIAL, IF_EMBEDDING_CHANGED,
+                     INIT_UNREAD, MERGE, NO_CONVERSION, TO_PLAIN, TO_SCALING_1)
 
 RELEASE = "0.5.23"
 
@@ -59,6 +59,8 @@ RULES = (
          "has LoRA slots only for {known}: it cannot serve LoRA on {modules}",
          "serve it with vLLM or PEFT; or " + MERGE,
          _SRC + "utils.py _KNOWN_LORA_TARGET_MODULES, get_normalized_target_modules", param=(NORMALIZED, KNOWN_MODULES)),
+    Rule("sglang-conv", "conv", "error", CONV_UNSERVED, FROM_CONV, _SRC + "layers.py get_lora_layer, mem_pool.py",
+         param="its parallel linear layers (column, row, QKV, merged) and the vocabulary embedding"),
     Rule("sglang-target-modules", "target_modules_string", "error",
          "reads target_modules as a list of module names, 'all' or 'all-linear', and refuses {value!r}",
          "list the module names in adapter_config.json's target_modules (loratools info ADAPTER prints them)",

@@ -20,8 +20,8 @@ consecutive releases that were both read:
 from __future__ import annotations
 
 from . import Option, RankLimit, Rule, Runtime
-from .common import (FEATURE_UNREAD, FEATURES, FROM_DORA, FROM_INITIAL, IF_EMBEDDING_CHANGED, INIT_UNREAD, MERGE,
-                     NO_CONVERSION, TO_PLAIN, TO_SCALING_1)
+from .common import (CONV_UNSERVED, FEATURE_UNREAD, FEATURES, FROM_CONV, FROM_DORA, FROM_INITIAL, IF_EMBEDDING_CHANGED,
+                     INIT_UNREAD, MERGE, NO_CONVERSION, TO_PLAIN, TO_SCALING_1)
 
 OLDEST, NEWEST = "0.10.0", "0.33.0"
 
@@ -119,6 +119,12 @@ RULES = (
          "{n} module(s) would be served with the wrong scaling, e.g. {module} at {served:g} instead of {own:g}",
          TO_SCALING_1, f"{_HELPER} __post_init__, lora_weights.py from_config (0.31.0)", until="0.32.0", param="r, rsLoRA"),
     *(rule for limits in RANK_LIMITS for rule in _rank_rules(*limits)),
+    # Every release read: the LoRA layer classes wrap its parallel linear layers (column, row, QKV, merged,
+    # replicated), the vocabulary embedding, the logits processor and fused MoE; from_layer swaps a module
+    # only for one of them, and a module it cannot swap fails the load as an unexpected module.
+    Rule("vllm-conv", "conv", "error", CONV_UNSERVED, FROM_CONV,
+         "vllm/lora/layers/__init__.py, utils.py from_layer (_all_lora_classes), lora_model.py check_unexpected_modules",
+         param="linear layers, the vocabulary embedding, the LM head and fused MoE experts"),
     Rule("vllm-embedding", "embedding", "warning",
          "applies LoRA to {modules} only for models whose vLLM implementation lists them as embedding modules",
          "check the model's LoRA support in vLLM; or " + MERGE,

@@ -12,7 +12,9 @@ Each changed tensor is bounded in float64 from the adapter's factors (which are 
     |ΔW_ij| ≤ Σ_k |s·B_ik·A_kj| ≤ |s|·‖B_i,:‖·‖A_:,j‖          (Cauchy–Schwarz)
 
 which bounds every partial sum of the float32 product as well, in any summation order (a GPU's
-too), so a factor 1 + (r+3)·2⁻²³ covers its rounding. A tensor is settled by the first of:
+too), so a factor 1 + (r+3)·2⁻²³ covers its rounding. A convolution's weight is bounded as its
+(out, in·Πkernel) matrix view, where ΔW = s·B·A of the factors' matrix views (Adapter.factor_arrays):
+each element is the same r-term sum that PEFT's B⊛A computes. A tensor is settled by the first of:
 
 1. headers: |W| at most the largest value of its dtype (a quantized weight: its largest code
    times its largest scale, from its small scale tensors). Every plain LoRA module settles here

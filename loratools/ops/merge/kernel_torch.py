@@ -1,7 +1,9 @@
 """Every merge with torch: one base tensor after the plan's ops, as PEFT's merge_and_unload
 computes it (W + s·B@A in float32 — float64 for a float64 base, as PEFT computes there —, DoRA's
-renormalisation, KaSA's truncation, replaced rows, lora_bias), on CPU or a GPU. (Plain LoRA on
-CPU takes the torch-free kernel_numpy.py.)
+renormalisation, KaSA's truncation, replaced rows, lora_bias), on CPU or a GPU. (Plain LoRA of a
+2-D weight on CPU takes the torch-free kernel_numpy.py.) A convolution's weight (out, in, *kernel)
+is merged as its (out, in·Πkernel) matrix: PEFT's ΔW = s·B⊛A (conv of A's kernels with B's 1x1
+one, or B@A for 1x1 kernels) is s·B@A of the factors' matrix views, entry for entry.
 
 The base tensor may be a view of a read-only memory map: nothing here writes into it; every
 in-place step works on a copy. Results go to a `TensorOutput`, whose `store(value)` takes the
@@ -77,6 +79,8 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
     if not (ops.modules or ops.lora_biases):
         out.store(base)
         return
+    if base.dim() > 2 and not any(m.expert for m in ops.modules):  # an nn.ConvNd weight (out, in, *kernel):
+        base = base.reshape(base.shape[0], -1)  # merged as its (out, in·Πkernel) matrix (adapter.factors gives A, B as matrices)
     low_rank = []  # (L, R, s, first row): ΔW = s·L@R in the base tensor's own orientation, from that row
     for module in ops.modules:
         a, b = (t.to(device=dev, dtype=work) for t in adapter.factors(module.path))
@@ -86,7 +90,7 @@ def apply_ops(plan: MergePlan, ops: TensorOps, base: torch.Tensor, out: "TensorO
             out.store(_kasa(_working_copy(base, dev), a, b * diag, s))
             return
         if module.magnitude_key is not None:
-            magnitude = adapter.tensor(module.magnitude_key).to(device=dev, dtype=work)
+            magnitude = adapter.tensor(module.magnitude_key).to(device=dev, dtype=work).reshape(-1)  # ConvNd: (1, out, 1, …)
             out.store(dora_weight(_working_copy(base, dev), a, b, s, magnitude, module.layout))
             return
         # a transposed layout holds ΔW as (B@A).T = A.T @ B.T

@@ -130,7 +130,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
         dtype = "bfloat16"  # one precision for the whole dequantized model
     if not math.isfinite(scale):
         raise UsageError(f"--scale must be a finite number, got {scale}")
-    adapter.require_supported("merge", merging=True, experts=True)
+    adapter.require_supported("merge", merging=True, experts=True, conv=True)
     check_on_base(base, adapter)  # --initial: the initial adapter's values against the base weights
     adapter = _adapter_for(base, adapter)
     if scale != 1.0:
@@ -174,7 +174,7 @@ def plan_merge(base: Checkpoint, adapter: Adapter, scale: float = 1.0, dtype: st
                 f"module {module.path}: adapter expects {name} of shape {list(module.weight_shape)} "
                 f"({module.layout.value}), base has {list(info.shape)}"
             )
-        if module.diag_key and (module.layout is not Layout.LINEAR or module.rank >= min(info.shape)):
+        if module.diag_key and (module.layout is not Layout.LINEAR or module.kernel or module.rank >= min(info.shape)):
             raise UnsupportedError(f"module {module.path}: KaSA needs an nn.Linear with r < min(in, out) (PEFT's own condition)")
         ops.setdefault(name, TensorOps()).modules.append(module)
         if module.lora_bias_key:

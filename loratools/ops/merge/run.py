@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import UsageError
-from ...formats.atomic import atomic_dir, atomic_file, copy_regular, refuse_overlap
+from ...formats.atomic import atomic_dir, atomic_file, copy_regular, create, refuse_overlap, write_bytes
 from ...formats.checkpoint import INDEX_NAME
 from ...formats.dtypes import DTYPES
 from ...formats.safetensors_writer import tensor_nbytes
@@ -87,12 +87,15 @@ def merge_checkpoint(
             jobs = []
             for shard in base.shards:
                 (tmp / shard).parent.mkdir(parents=True, exist_ok=True)
+                # Created here, through the checked create, before a worker reopens it to write:
+                # a directory where no file can be made fails once, in this process, as one line.
+                os.close(create(tmp / shard))
                 jobs.append((base.path / shard, shard, tmp / shard))
             written = _write_shards(plan, jobs, dev, workers, progress)
             for shard in base.shards:
                 os.chmod(tmp / shard, _mode(base.path / shard))
             if base.index is not None:
-                (tmp / INDEX_NAME).write_text(_index_json(plan))
+                write_bytes(tmp / INDEX_NAME, _index_json(plan).encode("utf-8"))
                 os.chmod(tmp / INDEX_NAME, _mode(base.path / INDEX_NAME))
             for rel in base.other_files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +209,7 @@ def _record_config(config_path: Path, plan: MergePlan) -> None:
         config.update({key: name for key in keys})
     if plan.base.quantized and not plan.keep_quantized:
         config.pop("quantization_config", None)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_bytes(config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def _record_vocab_size(config: dict, size: int) -> None:
