@@ -133,3 +133,35 @@ def test_export_refuses_gpt_oss_experts(fused, tmp_path):
     # a --base-arch the adapter's recorded class contradicts
     wrong = run_cli("export", fused / "qwen3_moe", tmp_path / "b.gguf", "--base-arch", "mixtral")
     assert wrong.returncode != 0 and "Qwen3MoeForCausalLM" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_llama_cpp_applies_exported_expert_lora_as_peft_does(tmp_path):
+    """End to end in llama.cpp itself (llama-cpp-python): a tiny Mixtral written as GGUF (llama.cpp's
+    LLaMA with experts), the exported fused-experts adapter beside it, logits against PEFT's model."""
+    import llama_cpp
+
+    from tests.llama_gguf import write_llama_gguf
+
+    model = build("mixtral")
+    model.save_pretrained(str(tmp_path / "base"))
+    write_llama_gguf(model, tmp_path / "base.gguf")
+    # the experts alone, so that all the change is the expert LoRA's
+    peft_model = make_adapter("mixtral", tmp_path / "adapter", target_modules=(), use_rslora=True).eval()
+    ids = [5, 9, 33, 12, 7, 11, 60, 40]
+    with torch.no_grad():
+        expected = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        with peft_model.disable_adapter():
+            base_logits = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    result = run_cli("export", tmp_path / "adapter", tmp_path / "adapter.gguf", "--base", tmp_path / "base")
+    assert result.returncode == 0, result.stderr
+
+    def run(**lora):
+        llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), n_ctx=64, logits_all=True, verbose=False,
+                              n_threads=1, **lora)
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+
+    plain, adapted = run(), run(lora_path=str(tmp_path / "adapter.gguf"))
+    assert np.abs(plain - base_logits).max() < 1e-3  # the GGUF base is the same model
+    assert np.abs(expected - base_logits).max() > 0.2  # the expert LoRA moves the logits ...
+    assert np.abs(adapted - expected).max() < 2e-3, np.abs(adapted - expected).max()  # ... and llama.cpp by PEFT's ΔW
