@@ -1,4 +1,4 @@
-"""A tiny LLaMA as a GGUF model llama.cpp loads, written with the gguf package from transformers
+"""A tiny LLaMA (or Mixtral, which llama.cpp loads as LLaMA with experts) as a GGUF model llama.cpp loads, written with the gguf package from transformers
 weights (what convert_hf_to_gguf.py does for LLaMA: its tensor names, q/k rows in rotary order,
 a minimal SentencePiece-style vocabulary), so that a test can run llama.cpp itself."""
 
@@ -23,7 +23,7 @@ def write_llama_gguf(model, out: Path) -> Path:
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)  # Mixtral: each expert's
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(cfg.hidden_size // heads)
@@ -47,7 +47,20 @@ def write_llama_gguf(model, out: Path) -> Path:
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     writer.add_tensor("output.weight", state["lm_head.weight"])
+    experts = getattr(cfg, "num_local_experts", None)  # Mixtral, which llama.cpp loads as LLaMA
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        names = {k: v for k, v in names.items() if not k.startswith("mlp.")}
     for layer in range(cfg.num_hidden_layers):
+        if experts:  # router (E, H); gate_up (E, 2I, H) split into gate and up; down (E, H, I)
+            prefix = f"model.layers.{layer}.mlp."
+            gate_up = state[prefix + "experts.gate_up_proj"]
+            half = gate_up.shape[1] // 2
+            writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", state[prefix + "gate.weight"])
+            writer.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :half]))
+            writer.add_tensor(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, half:]))
+            writer.add_tensor(f"blk.{layer}.ffn_down_exps.weight", state[prefix + "experts.down_proj"])
         for hf, name in names.items():
             w = state[f"model.layers.{layer}.{hf}.weight"]
             if hf == "self_attn.q_proj":

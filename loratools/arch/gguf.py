@@ -19,6 +19,11 @@ GGUF_ARCHS = {
     "llama": GgufArch("llama", permute_qk=True),
     "mistral": GgufArch("llama", permute_qk=True),  # llama.cpp converts Mistral as LLaMA
     "qwen2": GgufArch("qwen2", permute_qk=False),
+    # MoE families whose experts llama.cpp holds as ffn_{gate,up,down}_exps (E, out, in): their
+    # converter stacks the per-expert tensors; LoRA on them is stacked the same way (ops/export_gguf.py)
+    "mixtral": GgufArch("llama", permute_qk=True),  # convert_hf_to_gguf.py converts Mixtral as LLaMA
+    "qwen2_moe": GgufArch("qwen2moe", permute_qk=False),
+    "qwen3_moe": GgufArch("qwen3moe", permute_qk=False),
 }
 
 

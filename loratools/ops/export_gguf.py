@@ -10,6 +10,16 @@ The file llama.cpp expects (its convert_lora_to_gguf.py writes the same):
 - for the LLaMA family, the rows of q/k's B reordered as llama.cpp's converter reorders the
   base weights (rotary halves interleaved), so that ΔW lands on the same rows as the weight.
 
+LoRA on fused MoE experts (PEFT target_parameters, A (r·E, in), B (out, r·E)) is written as
+llama.cpp's converter writes per-expert LoRA stacked over experts and its graph applies it
+(ggml_mul_mat_id on lora_a then lora_b, llama-graph.cpp build_lora_mm_id):
+`blk.N.ffn_{gate,up,down}_exps.weight.lora_a` = (E, r, in), expert e's A_e = A[e·r:(e+1)·r], and
+`.lora_b` = (E, out, r), B_e = B[:, e::E] (PEFT's (out, r, E) view); a fused gate_up parameter
+is split along its rows into gate and up, in the order the family concatenates them
+(arch/experts.py), both with the same A. Families whose experts are stored (E, in, out) with
+gate/up interleaved (gpt_oss) are refused (gguf_form.py, `export-unsupported`); a fused
+parameter the family does not have, `export-experts`.
+
 llama.cpp scales every module by alpha / r, with r read from the tensor and alpha from the file.
 A PEFT adapter may give each module its own scaling (rank_pattern, alpha_pattern, rsLoRA's
 alpha/√r): each module's B is multiplied by s_module / (alpha / r), so that llama.cpp's scale
@@ -32,8 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter import Adapter, LoraModule
+from ..adapter import Adapter, ExpertModule, LoraModule
 from ..arch import ARCHITECTURES, Layout, Role
+from ..arch import experts as moe
 from ..arch.detect import locate
 from ..arch.gguf import GGUF_ARCHS, gguf_arch
 from ..errors import ConfigError, ShapeError, UnsupportedError, UsageError
@@ -70,14 +81,15 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None 
     family = base_arch or adapter.architecture
     if family is None:
         raise UsageError("cannot tell the adapter's architecture; give --base-arch")
+    _refuse_unservable(adapter)  # before the family: what no GGUF carries is the first thing to say
     target = gguf_arch(family)
     if base_arch is not None and (conflict := base_architecture_conflict(adapter, base_arch)):
         raise ConfigError(conflict, code="base-architecture")
-    _refuse_unservable(adapter)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[target.name.upper()], _block_count(adapter))
     alpha = float(adapter.config.lora_alpha)
     report = ExportReport(str(adapter.source), str(out), target.name, alpha, 0, len(adapter.modules),
                           skipped=[e.key for e in adapter.extras if e.kind == "full_embedding"])
+    report.modules += len(adapter.experts)
     tensors = []
     for path, module in sorted(adapter.modules.items(), key=lambda kv: (kv[1].layer or -1, kv[0])):
         name = names.get_name(path)
@@ -94,6 +106,7 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None 
         if module.layout is Layout.EMBEDDING:
             a = a.T  # (num_embeddings, r): llama.cpp gathers a row per token
         tensors += [(f"{name}.weight.lora_a", np.ascontiguousarray(a)), (f"{name}.weight.lora_b", np.ascontiguousarray(b))]
+    tensors += _expert_tensors(adapter, family, target.name, alpha, report)
     report.tensors = len(tensors)
     refuse_non_finite(tensors, out)  # B' may overflow float32 even where B did not
     refuse_overlap(Path(out), adapter.input_paths())
@@ -113,6 +126,51 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None 
     return report
 
 
+# What each expert role is in llama.cpp's MoE layer.
+_EXPERT_TENSORS = {Role.EXPERT_GATE: "FFN_GATE_EXP", Role.EXPERT_UP: "FFN_UP_EXP", Role.EXPERT_DOWN: "FFN_DOWN_EXP"}
+
+
+def _expert_tensors(adapter: Adapter, family: str, arch_name: str, alpha: float,
+                    report: ExportReport) -> list[tuple[str, np.ndarray]]:
+    """lora_a (E, r, in) and lora_b (E, out, r) for every part of every fused-experts module."""
+    import gguf
+
+    if not adapter.experts:
+        return []
+    layout = moe.layout_for(adapter.model_type) or moe.layout_for(family)
+    first = next(iter(adapter.experts))
+    if layout is None:
+        raise UsageError(f"module {first}: LoRA on fused MoE experts is written per the base's expert layout; give --base "
+                         "(a directory or repo with the base's config.json) or --base-arch (mixtral, qwen2_moe, qwen3_moe)")
+    if layout.transposed or any(not p.parts for p in layout.parameters):
+        raise UnsupportedError(f"module {first}: {layout.name} stores its experts fused, (E, in, out) with gate and up "
+                               "interleaved; loratools export writes expert LoRA for families llama.cpp stacks per expert "
+                               "(mixtral, qwen2_moe, qwen3_moe): merge it into the base instead (loratools merge)",
+                               code="export-experts")
+    known = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch_name.upper()]])
+    out = []
+    for path, expert in sorted(adapter.experts.items(), key=lambda kv: (kv[1].layer or -1, kv[0])):
+        leaf = path.rpartition(".")[2]
+        fused = next((p for p in layout.parameters if p.name == leaf), None)
+        if fused is None or expert.layer is None or expert.out_features % len(fused.parts):
+            raise UnsupportedError(f"module {path}: not a fused-experts parameter of {layout.name}", code="export-experts")
+        a, b = (adapter.tensors.array(key).astype(np.float32) for key in (expert.a_key, expert.b_key))
+        b = _fold_scaling(expert, b, alpha, report)
+        n, r = expert.num_experts, expert.rank
+        a3 = a.reshape(n, r, a.shape[1])  # expert e: rows e·r…(e+1)·r
+        b3 = b.reshape(b.shape[0], r, n).transpose(2, 0, 1)  # expert e: columns e, e+E, …
+        step = expert.out_features // len(fused.parts)
+        for k, part in enumerate(fused.parts):
+            tensor = getattr(gguf.MODEL_TENSOR, _EXPERT_TENSORS[part.role])
+            if tensor not in known:
+                raise UnsupportedError(f"module {path}: llama.cpp's {arch_name} has no {part.role.value} expert tensor",
+                                       code="export-module")
+            name = gguf.TENSOR_NAMES[tensor].format(bid=expert.layer) + ".weight"
+            out += [(f"{name}.lora_a", np.ascontiguousarray(a3)),
+                    (f"{name}.lora_b", np.ascontiguousarray(b3[:, k * step: (k + 1) * step]))]
+    return out
+
+
 def base_architecture_conflict(adapter: Adapter, base_arch: str) -> str | None:
     """Why `--base-arch base_arch` contradicts the adapter's own evidence, or None. Evidence is a
     family the adapter records (family_known: its model class, or the base's model_type) or
@@ -124,6 +182,13 @@ def base_architecture_conflict(adapter: Adapter, base_arch: str) -> str | None:
         if own is None or own.name != wanted:
             return (f"--base-arch {base_arch}: the adapter is {det.architecture} ({_evidence(adapter)}), "
                     f"which llama.cpp does not load as {wanted}; give the base the adapter was trained on")
+        return None
+    if base_arch not in ARCHITECTURES:  # an MoE family the name tables do not hold: only a recorded class to hold it to
+        recorded = adapter.model_type or adapter.config.base_model_class
+        squash = lambda name: name.lower().replace("_", "")  # noqa: E731  Qwen3MoeForCausalLM ~ qwen3_moe
+        if recorded and not squash(recorded).startswith(squash(base_arch)):
+            return (f"--base-arch {base_arch}: the adapter is {recorded} ({_evidence(adapter)}), "
+                    f"which is not {base_arch}; give the base the adapter was trained on")
         return None
     prefixes = {h.prefix for h in ARCHITECTURES[base_arch].heads}
     if not adapter.modules or any(locate(base_arch, prefix, path) for path in adapter.modules for prefix in prefixes):
@@ -142,15 +207,15 @@ def _evidence(adapter: Adapter) -> str:
 
 
 def _refuse_unservable(adapter: Adapter) -> None:
-    adapter.require_supported("export", merging=True)
+    adapter.require_supported("export", merging=True, experts=True)
     blockers = gguf_blockers(adapter)
     if blockers:
         raise UnsupportedError(blockers[0][1], code="export-unsupported")
-    if not adapter.modules:
+    if not adapter.modules and not adapter.experts:
         raise ShapeError("the adapter has no LoRA modules: nothing to export")
 
 
-def _fold_scaling(module: LoraModule, b: np.ndarray, alpha: float, report: ExportReport) -> np.ndarray:
+def _fold_scaling(module: LoraModule | ExpertModule, b: np.ndarray, alpha: float, report: ExportReport) -> np.ndarray:
     """B' with llama.cpp's alpha / r times B'·A equal to PEFT's s·B·A."""
     factor = module.scaling * module.rank / alpha if alpha else module.scaling
     if factor == 1.0:
@@ -181,4 +246,5 @@ def _rope_rows(b: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _block_count(adapter: Adapter) -> int:
-    return 1 + max((m.layer for m in adapter.modules.values() if m.layer is not None), default=0)
+    layers = [m.layer for m in (*adapter.modules.values(), *adapter.experts.values()) if m.layer is not None]
+    return 1 + max(layers, default=0)

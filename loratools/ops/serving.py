@@ -13,14 +13,15 @@ serve them together (`validate --target vllm A B C`).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Iterable
 
 from ..adapter import FACTOR_PARTS, Adapter, LoraModule
 from ..arch import Role
 from ..arch.gguf import GGUF_ARCHS
 from ..config import BASE_MODIFYING_INITS, scaling
-from ..runtimes import RankLimit, Target, resolve
-from .gguf_form import gguf_blockers
+from ..runtimes import ExpertFamilies, RankLimit, Target, resolve
+from .gguf_form import experts_layout, gguf_blockers
 
 Add = Callable[..., None]  # add(code, severity, message, module=None)
 Hit = tuple[str | None, dict[str, Any]]  # (the module concerned, the message's fields)
@@ -81,7 +82,9 @@ def _rank(adapter: Adapter, counts: str) -> int:
 
 
 def _leaves(adapter: Adapter) -> set[str]:
-    return {path.rsplit(".", 1)[-1] for path in adapter.modules}
+    """Module names as --lora-target-modules takes them; fused experts LoRA is the experts module's."""
+    experts = {path.rsplit(".", 2)[-2] for path in adapter.experts}
+    return {path.rsplit(".", 1)[-1] for path in adapter.modules} | experts
 
 
 # ---- the checks: (adapter, rule.param) -> hits -----------------------------------------------
@@ -268,6 +271,78 @@ def _gguf_arch(adapter: Adapter, _: Any) -> list[Hit]:
     return [(None, {"archs": ", ".join(GGUF_ARCHS), "arch": arch})] if arch is not None and arch not in GGUF_ARCHS else []
 
 
+# ---- MoE experts: fused (target_parameters, 3-D) and per-expert (experts.N.<proj>, 2-D) LoRA ---------
+
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def _per_expert(adapter: Adapter) -> list[str]:
+    return [p for p in adapter.modules if _PER_EXPERT.search(p + ".")]
+
+
+def _family(adapter: Adapter) -> str | None:
+    """The base's model_type when known, else the model class PEFT recorded."""
+    return adapter.model_type or adapter.config.base_model_class
+
+
+def _holding(adapter: Adapter, families: ExpertFamilies) -> str | None:
+    """How the runtime holds the experts of the adapter's family: "3d" (reads fused LoRA), "2d"
+    (an MoE family arch/experts.py knows, held per expert), "unknown" (no family recorded), or None
+    (a family recorded that is no MoE family loratools knows: nothing to say about its experts)."""
+    family = _family(adapter)
+    if family is None:
+        return "unknown"
+    if family in families.fused:
+        return "3d"
+    return "2d" if experts_layout(adapter) is not None else None
+
+
+def _experts_any(adapter: Adapter, _: Any) -> list[Hit]:
+    per_expert = _per_expert(adapter)
+    if not adapter.experts and not per_expert:
+        return []
+    first = next(iter(adapter.experts), None) or per_expert[0]
+    what = (f"{len(adapter.experts)} fused (target_parameters)" if adapter.experts else f"{len(per_expert)} per-expert")
+    return [(first, {"what": what, "module": first})]
+
+
+def _fused_on_2d(adapter: Adapter, families: ExpertFamilies) -> list[Hit]:
+    if not adapter.experts or _holding(adapter, families) != "2d":
+        return []
+    first = next(iter(adapter.experts))
+    return [(first, {"family": _family(adapter), "n": len(adapter.experts), "module": first,
+                     "fused": ", ".join(families.fused_labels)})]
+
+
+def _fused_family_unknown(adapter: Adapter, families: ExpertFamilies) -> list[Hit]:
+    if not adapter.experts or _holding(adapter, families) != "unknown":
+        return []
+    return [(None, {"n": len(adapter.experts), "fused": ", ".join(families.fused_labels)})]
+
+
+def _fused_unpaired(adapter: Adapter, families: ExpertFamilies) -> list[Hit]:
+    """Experts modules whose fused LoRA lacks one of the parameters the runtime stacks together."""
+    if _holding(adapter, families) == "2d":
+        return []
+    by_module: dict[str, set[str]] = {}
+    for path in adapter.experts:
+        module, _, leaf = path.rpartition(".")
+        by_module.setdefault(module, set()).add(leaf)
+    short = [(m, leaves) for m, leaves in by_module.items() if not set(families.pair) <= leaves]
+    if not short:
+        return []
+    module, leaves = short[0]
+    return [(module, {"n": len(short), "module": module, "present": ", ".join(sorted(leaves)),
+                      "pair": " and ".join(families.pair)})]
+
+
+def _per_expert_on_3d(adapter: Adapter, families: ExpertFamilies) -> list[Hit]:
+    per_expert = _per_expert(adapter)
+    if not per_expert or _holding(adapter, families) != "3d":
+        return []
+    return [(per_expert[0], {"family": _family(adapter), "n": len(per_expert), "module": per_expert[0]})]
+
+
 CHECKS: dict[str, Callable[[Adapter, Any], list[Hit]]] = {
     "peft_type": _peft_type,
     "dora": _dora,
@@ -291,4 +366,9 @@ CHECKS: dict[str, Callable[[Adapter, Any], list[Hit]]] = {
     "conv": _conv,
     "gguf_blockers": _gguf_blockers,
     "gguf_arch": _gguf_arch,
+    "experts_any": _experts_any,
+    "fused_on_2d": _fused_on_2d,
+    "fused_family_unknown": _fused_family_unknown,
+    "fused_unpaired": _fused_unpaired,
+    "per_expert_on_3d": _per_expert_on_3d,
 }

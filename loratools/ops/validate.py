@@ -98,10 +98,6 @@ def validate(adapter_path: str | os.PathLike, base: Checkpoint | None = None, ta
         _check_against_base(adapter, base, add)
         if not any(f.severity == ERROR for f in findings):
             _check_merge_plan(adapter, base, add)
-    if target is not None and adapter.experts:
-        add("target-experts", WARNING, f"LoRA on fused MoE experts ({len(adapter.experts)} target_parameters modules): "
-            f"loratools does not check how {target} serves them (runtimes differ by version and model); "
-            "the other findings are about the rest of the adapter")
     if target is not None:
         from .serving import check_target
 

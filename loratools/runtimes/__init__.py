@@ -56,6 +56,16 @@ class Option:
 
 
 @dataclass(frozen=True)
+class ExpertFamilies:
+    """How a runtime reads LoRA on MoE experts, by the base's family (transformers model_type or
+    model class, as the adapter or its base records it)."""
+
+    fused: frozenset[str]  # families whose experts it holds 3-D and reads fused (target_parameters) LoRA for
+    fused_labels: tuple[str, ...]  # the same, as messages name them
+    pair: tuple[str, ...]  # the fused parameters it needs LoRA on together in every experts module
+
+
+@dataclass(frozen=True)
 class Runtime:
     name: str  # as --target spells it
     label: str  # as messages spell it

@@ -93,6 +93,10 @@ RULES = (
          _SRC + "mem_pool.py load_lora_weight_to_buffer"),
     Rule("sglang-init", "init_unread", "warning", INIT_UNREAD, FROM_INITIAL, _SRC + "lora_config.py"),
     Rule("sglang-feature", "features", "error", FEATURE_UNREAD, NO_CONVERSION, _SRC + "lora_config.py", param=FEATURES),
+    # its MoE LoRA path (fused or per-expert) was not read
+    Rule("sglang-experts", "experts_any", "warning",
+         "is not checked by loratools for LoRA on MoE experts ({what} module(s), e.g. {module})",
+         "try it on the server; or " + MERGE, "(not read)"),
 )
 
 OPTIONS = (

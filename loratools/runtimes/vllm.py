@@ -15,11 +15,21 @@ consecutive releases that were both read:
 - 0.32.0: rank_pattern / alpha_pattern honoured per module (PEFT's first match) and --max-lora-rank
   sized by max(r, *rank_pattern.values()); lora_bias, base-modifying init_lora_weights, aLoRA,
   layer_replication, BD-LoRA and QALoRA refused.
+
+MoE experts (the rules below marked MOE) were read from the 2026 sources of the 0.33 line only:
+vllm/lora/model_manager.py (_create_lora_modules, _stack_moe_lora_weights), lora_model.py
+(check_unexpected_modules) and the models' `is_3d_moe_weight`. A model whose vLLM class sets it
+(FUSED_EXPERTS) gets FusedMoE3DWithLoRA, which reads PEFT's fused layout: `experts.base_layer` is
+gate_up_proj and `experts` down_proj, A (r·E, in) viewed as (E, r, in) and B (out, r·E) as
+(out, r, E), exactly PEFT's per-expert blocks, and both must be there (it asserts each). Every other
+MoE model gets FusedMoEWithLoRA, which packs per-expert 2-D modules (experts.N.gate_proj/up_proj/
+down_proj, or w1/w3/w2) and has no reading of a fused pair. Older releases are not checked for
+experts (EXPERTS_UNCHECKED says so).
 """
 
 from __future__ import annotations
 
-from . import Option, RankLimit, Rule, Runtime
+from . import ExpertFamilies, Option, RankLimit, Rule, Runtime
 from .common import (CONV_UNSERVED, FEATURE_UNREAD, FEATURES, FROM_CONV, FROM_DORA, FROM_INITIAL, IF_EMBEDDING_CHANGED,
                      INIT_UNREAD, MERGE, NO_CONVERSION, TO_PLAIN, TO_SCALING_1)
 
@@ -53,6 +63,19 @@ def _rank_rules(limit: RankLimit, source: str, since: str | None, until: str | N
              source, since, until, limit),
     )
 
+
+# MOE: the vLLM model classes with is_3d_moe_weight = True, and their transformers model_type.
+FUSED_EXPERTS = ExpertFamilies(
+    fused=frozenset({
+        "GptOssForCausalLM", "gpt_oss", "Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe",
+        "Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", "Glm4MoeLiteForCausalLM", "glm4_moe_lite",
+        "InternS1ProForConditionalGeneration",
+    }),
+    fused_labels=("gpt_oss", "qwen3_5_moe", "qwen3_vl_moe", "glm4_moe_lite", "InternS1Pro"),
+    pair=("gate_up_proj", "down_proj"),
+)
+MOE_READ = "0.33.0"  # the release line whose MoE LoRA loader was read
+_MOE = "vllm/lora/model_manager.py"
 
 _HELPER = "vllm/lora/peft_helper.py"
 _PARSE = "vllm/lora/utils.py parse_fine_tuned_lora_name"
@@ -125,6 +148,29 @@ RULES = (
     Rule("vllm-conv", "conv", "error", CONV_UNSERVED, FROM_CONV,
          "vllm/lora/layers/__init__.py, utils.py from_layer (_all_lora_classes), lora_model.py check_unexpected_modules",
          param="linear layers, the vocabulary embedding, the LM head and fused MoE experts"),
+    Rule("vllm-experts", "experts_any", "warning",
+         f"is not checked by loratools for LoRA on MoE experts before {MOE_READ} ({{what}} module(s), e.g. {{module}})",
+         "check with --target vllm@" + MOE_READ + " and the release's own loader", "(not read)", until=MOE_READ),
+    Rule("vllm-experts", "fused_on_2d", "error",
+         "holds the experts of {family} per expert (FusedMoEWithLoRA) and reads only per-expert 2-D LoRA modules "
+         "there; fused target_parameters LoRA ({n} module(s), e.g. {module}) is read only for models with 3-D experts "
+         "({fused}); the source read also has an opt-in mixed 2-D/3-D format (enable_mixed_moe_lora_format with a "
+         "per-request is_3d_lora_weight), which loratools does not check",
+         MERGE, f"{_MOE} _create_lora_modules, models' is_3d_moe_weight", since=MOE_READ, param=FUSED_EXPERTS),
+    Rule("vllm-experts", "fused_family_unknown", "warning",
+         "reads fused target_parameters LoRA on experts ({n} module(s)) only for models with 3-D experts ({fused}); "
+         "the adapter does not record its base's family, so loratools cannot tell which this is",
+         "validate it with --base BASE (its config.json gives the family)",
+         f"{_MOE} _create_lora_modules, models' is_3d_moe_weight", since=MOE_READ, param=FUSED_EXPERTS),
+    Rule("vllm-experts", "fused_unpaired", "error",
+         "reads fused experts LoRA as a pair, experts.base_layer (gate_up_proj) and experts (down_proj), and asserts both: "
+         "{n} experts module(s) have only {present}, e.g. {module}, so the adapter fails to load",
+         "retrain with target_parameters on both {pair}; or " + MERGE,
+         f"{_MOE} _stack_moe_lora_weights", since=MOE_READ, param=FUSED_EXPERTS),
+    Rule("vllm-experts", "per_expert_on_3d", "error",
+         "holds the experts of {family} as 3-D tensors and reads only fused (target_parameters) LoRA there: per-expert "
+         "modules ({n}, e.g. {module}) are rejected as unexpected modules", MERGE,
+         f"{_MOE} _create_lora_modules, lora_model.py check_unexpected_modules", since=MOE_READ, param=FUSED_EXPERTS),
     Rule("vllm-embedding", "embedding", "warning",
          "applies LoRA to {modules} only for models whose vLLM implementation lists them as embedding modules",
          "check the model's LoRA support in vLLM; or " + MERGE,
