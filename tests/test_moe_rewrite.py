@@ -223,3 +223,18 @@ def test_extract_energy_pads_experts_to_one_rank(tmp_path):
         k = w.lora_A["default"].weight.shape[0] // E
         experts = [rows[f"model.layers.{layer}.mlp.experts.{parameter}[{e}]"] for e in range(E)]
         assert {m["rank"] for m in experts} == {k} and min(m["retained_energy"] for m in experts) >= 0.9
+
+
+def test_extract_modules_chooses_expert_parameters(tmp_path):
+    """--modules expert_down: only down_proj's experts; gate/up are reported as not in --modules."""
+    fine_tune("qwen3_moe", tmp_path)
+    result = run_cli("extract", tmp_path / "base", tmp_path / "ft", tmp_path / "ex", "--rank", "2", "--modules",
+                     "expert_down", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {m["name"].split("[")[0] for m in report["modules"]} == {f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)}
+    assert report["not_extracted"]["model.layers.0.mlp.experts.3.up_proj.weight"] == "changed, not in --modules"
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
+    model = load("qwen3_moe", tmp_path / "ex")
+    assert model.base_model.model.model.layers[0].mlp.experts.lora_A["default"].weight.shape == (2 * E, 24)

@@ -150,7 +150,13 @@ def extract_adapter(
         info = base.info(name)
         base_t, tuned_t, same = stores.pair(name)
         slot = experts.slot(name)
-        if slot is not None and _expert_wanted(slot.parameter, experts, wanted) and not _non_float(info, finetuned, name):
+        if slot is not None and not _non_float(info, finetuned, name):
+            if not _expert_wanted(slot.parameter, experts, wanted):
+                if same:
+                    report.unchanged += 1
+                else:
+                    report.not_extracted[name] = "changed, not in --modules"
+                continue
             diff = None if same else tuned_t.to(dev, torch.float32).sub_(base_t.to(dev, torch.float32))
             expert_results += experts.add(name, diff, rank, energy, max_rank, exact, generator, _torch_dtype(dtype, info.dtype))
             report.unchanged += same
