@@ -221,11 +221,13 @@ def extract_adapter(
         )
     fused_ranks: dict[str, tuple[int, float]] = {}
     written = experts.write(tensors, fused_ranks)
-    for result in expert_results:
-        if result.parameter in written and result.shape:
+    shapes = {r.parameter: r.shape for r in expert_results if r.shape}
+    for result in expert_results:  # every expert of a written parameter: an unchanged one has zero factors of rank k
+        if result.parameter in written:
             k = written[result.parameter]
             report.modules.append(ExtractedModule(
-                f"{result.parameter}[{result.expert}]", experts.params[result.parameter].fused.role.value, result.shape, k,
+                f"{result.parameter}[{result.expert}]", experts.params[result.parameter].fused.role.value,
+                shapes[result.parameter], k,
                 result.kept, result.error / math.sqrt(result.total) if result.total > 0 else 0.0, result.method))
             if energy is not None and result.kept < energy * (1 - 1e-9):
                 report.energy_not_reached.append(f"{result.parameter}[{result.expert}]")
