@@ -223,3 +223,43 @@ def test_extract_energy_pads_experts_to_one_rank(tmp_path):
         k = w.lora_A["default"].weight.shape[0] // E
         experts = [rows[f"model.layers.{layer}.mlp.experts.{parameter}[{e}]"] for e in range(E)]
         assert {m["rank"] for m in experts} == {k} and min(m["retained_energy"] for m in experts) >= 0.9
+
+
+def test_extract_modules_chooses_expert_parameters(tmp_path):
+    """--modules expert_down: only down_proj's experts; gate/up are reported as not in --modules."""
+    fine_tune("qwen3_moe", tmp_path)
+    result = run_cli("extract", tmp_path / "base", tmp_path / "ft", tmp_path / "ex", "--rank", "2", "--modules",
+                     "expert_down", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {m["name"].split("[")[0] for m in report["modules"]} == {f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)}
+    assert report["summary"]["lora_parameters"] == 2 * E * 2 * (32 + 24)  # the fused factors written, rank 2
+    assert report["not_extracted"]["model.layers.0.mlp.experts.3.up_proj.weight"] == "changed, not in --modules"
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
+    model = load("qwen3_moe", tmp_path / "ex")
+    assert model.base_model.model.model.layers[0].mlp.experts.lora_A["default"].weight.shape == (2 * E, 24)
+
+
+def test_extract_one_changed_expert(tmp_path):
+    """Only expert 2 of one layer's down_proj changed: the other experts get zero factors, the one
+    parameter alone is saved as `experts.lora_A`, and merge gives FINETUNED back."""
+    from safetensors.torch import load_file
+
+    model = build("qwen3_moe")
+    model.save_pretrained(str(tmp_path / "base"))
+    with torch.no_grad():
+        p = model.model.layers[1].mlp.experts.down_proj
+        p[2].add_(torch.randn(p[2].shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+    model.save_pretrained(str(tmp_path / "ft"))
+    result = run_cli("extract", tmp_path / "base", tmp_path / "ft", tmp_path / "ex", "--rank", "64", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["modules"]
+    assert [m["name"] for m in rows] == [f"model.layers.1.mlp.experts.down_proj[{e}]" for e in range(E)]
+    saved = load_file(str(tmp_path / "ex" / "adapter_model.safetensors"))
+    assert sorted(saved) == ["base_model.model.model.layers.1.mlp.experts.lora_A.weight",
+                             "base_model.model.model.layers.1.mlp.experts.lora_B.weight"]
+    assert run_cli("merge", tmp_path / "base", tmp_path / "ex", tmp_path / "merged").returncode == 0
+    merged, tuned = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("merged", "ft"))
+    for key in tuned:
+        torch.testing.assert_close(merged[key], tuned[key], rtol=1e-5, atol=1e-6, msg=key)

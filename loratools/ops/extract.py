@@ -150,7 +150,13 @@ def extract_adapter(
         info = base.info(name)
         base_t, tuned_t, same = stores.pair(name)
         slot = experts.slot(name)
-        if slot is not None and _expert_wanted(slot.parameter, experts, wanted) and not _non_float(info, finetuned, name):
+        if slot is not None and not _non_float(info, finetuned, name):
+            if not _expert_wanted(slot.parameter, experts, wanted):
+                if same:
+                    report.unchanged += 1
+                else:
+                    report.not_extracted[name] = "changed, not in --modules"
+                continue
             diff = None if same else tuned_t.to(dev, torch.float32).sub_(base_t.to(dev, torch.float32))
             expert_results += experts.add(name, diff, rank, energy, max_rank, exact, generator, _torch_dtype(dtype, info.dtype))
             report.unchanged += same
@@ -215,11 +221,13 @@ def extract_adapter(
         )
     fused_ranks: dict[str, tuple[int, float]] = {}
     written = experts.write(tensors, fused_ranks)
-    for result in expert_results:
-        if result.parameter in written and result.shape:
+    shapes = {r.parameter: r.shape for r in expert_results if r.shape}
+    for result in expert_results:  # every expert of a written parameter: an unchanged one has zero factors of rank k
+        if result.parameter in written:
             k = written[result.parameter]
             report.modules.append(ExtractedModule(
-                f"{result.parameter}[{result.expert}]", experts.params[result.parameter].fused.role.value, result.shape, k,
+                f"{result.parameter}[{result.expert}]", experts.params[result.parameter].fused.role.value,
+                shapes[result.parameter], k,
                 result.kept, result.error / math.sqrt(result.total) if result.total > 0 else 0.0, result.method))
             if energy is not None and result.kept < energy * (1 - 1e-9):
                 report.energy_not_reached.append(f"{result.parameter}[{result.expert}]")

@@ -129,8 +129,8 @@ class ExpertExtraction:
         if all(p is None for p in pieces):
             param.factors[e] = None  # unchanged: zero factors of the parameter's rank, filled in at the end
             return ExpertResult(parameter, e, [], 1.0, 0.0, 0.0, "exact")
-        shapes = [p.shape for p in pieces if p is not None]
-        pieces = [p if p is not None else torch.zeros(shapes[0]) for p in pieces]  # an unchanged part is a zero block
+        known = next(p for p in pieces if p is not None)
+        pieces = [p if p is not None else torch.zeros_like(known) for p in pieces]  # an unchanged part is a zero block
         matrix = torch.cat(pieces, dim=0)
         d = matrix.T if param.layout.transposed else matrix  # the LoRA target B_e·A_e
         require_finite(f"{parameter}[{e}]", d, where="FINETUNED − BASE")
