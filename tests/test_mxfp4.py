@@ -158,6 +158,9 @@ def test_info_describes_an_mxfp4_base(mxfp4):
     assert base["tensors"] == plain  # the experts counted once each, not as blocks and scales
     text = run_cli("info", mxfp4 / "fused", "--base", mxfp4 / "base")
     assert "quantized base (mxfp4 e2m1, 32-value blocks with power-of-two scales), 4 quantized weights" in text.stdout
+    checked = run_cli("validate", mxfp4 / "fused", "--base", mxfp4 / "base")  # each expert's slice against its shape
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "quantized base (mxfp4" in checked.stdout
 
 
 @pytest.mark.parametrize("adapter", ["fused", "attention"])
