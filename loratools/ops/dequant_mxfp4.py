@@ -41,6 +41,9 @@ def _pair_table() -> np.ndarray:
 PAIRS = _pair_table()
 
 
+TILE = 256  # the transposition is copied in square tiles that stay in cache
+
+
 def dequantize(blocks: np.ndarray, scales: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """bf16 bits (uint16) of shape `shape` = (E, G·32, rows) from the stored blocks (bytes,
     (E, rows, G, 16) in memory order) and scales (uint8, (E, rows, G)): one expert at a time."""
@@ -48,13 +51,16 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, shape: tuple[int, ...]) -
     blocks = blocks.reshape(experts, rows, cols // 32, 16)
     scales = scales.reshape(experts, rows, cols // 32)
     out = np.empty(shape, dtype=np.uint16)
-    index = np.empty(blocks.shape[1:], dtype=np.int32)
+    index = np.empty(blocks.shape[1:], dtype=np.intp)  # numpy's own index type: take converts no other
     pairs = np.empty(blocks.shape[1:], dtype=np.uint32)
+    values = pairs.view(np.uint16).reshape(rows, cols)
     for e in range(experts):
-        np.multiply(scales[e, :, :, None], 256, out=index, dtype=np.int32)
+        np.multiply(scales[e, :, :, None], 256, out=index, dtype=np.intp)
         np.add(index, blocks[e], out=index)
-        np.take(PAIRS, index, out=pairs)
-        out[e] = pairs.view(np.uint16).reshape(rows, cols).T
+        np.take(PAIRS, index, out=pairs, mode="clip")  # every index is < 256·256: clip only skips the check
+        for r in range(0, rows, TILE):
+            for c in range(0, cols, TILE):
+                out[e, c: c + TILE, r: r + TILE] = values[r: r + TILE, c: c + TILE].T
     return out
 
 
