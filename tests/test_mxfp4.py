@@ -262,3 +262,25 @@ def test_transformers_saves_dequantized_experts_under_the_blocks_names(mxfp4, tm
     name = "model.layers.0.mlp.experts.gate_up_proj"
     assert name not in saved and saved[name + "_blocks"].dtype == torch.bfloat16
     assert saved[name + "_blocks"].shape == (4, 64, 64) and name + "_scales" not in saved
+
+
+def test_scales_in_another_shard(mxfp4, tmp_path):
+    """Blocks and scales are found by name across shards: the same OUT as from one file."""
+    tensors = load_file(str(mxfp4 / "base" / "model.safetensors"))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((mxfp4 / "base" / "config.json").read_text())
+    second = {k for k in tensors if k.endswith("_scales") or ".layers.1." in k and k.endswith("_blocks")}
+    files = {"model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if k not in second},
+             "model-00002-of-00002.safetensors": {k: tensors[k] for k in second}}
+    for file, part in files.items():
+        save_file(part, str(sharded / file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: file for file, part in files.items() for k in part}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    for base, out in ((mxfp4 / "base", tmp_path / "one"), (sharded, tmp_path / "two")):
+        result = run_cli("merge", base, mxfp4 / "fused", out)
+        assert result.returncode == 0, result.stderr
+    one, two = merged_tensors(tmp_path / "one"), merged_tensors(tmp_path / "two")
+    assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
+    written = json.loads((tmp_path / "two" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert written["model.layers.1.mlp.experts.gate_up_proj"] == "model-00002-of-00002.safetensors"
