@@ -40,8 +40,8 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         """A tensor as the model sees it: a quantized weight has its dequantized shape and dtype
         (its offsets stay those of the stored, packed tensor)."""
-        stored = self.shards[self.weight_map[name]].tensors[name]
         weight = self.quantized.get(name)
+        stored = self.shards[self.weight_map[weight.stored if weight else name]].tensors[weight.stored if weight else name]
         if weight is None:
             return stored
         return TensorInfo(weight.dtype, weight.shape, stored.start, stored.end)
@@ -50,8 +50,9 @@ class Checkpoint:
         return self.path if self.is_file else self.path / shard
 
     def store(self, name: str) -> SafetensorsStore:
-        """The shard holding tensor `name`, for reading it (plain reads, no torch needed)."""
-        shard = self.weight_map[name]
+        """The shard holding tensor `name`, for reading it (plain reads, no torch needed); an
+        MXFP4 weight's: the shard of its blocks."""
+        shard = self.weight_map[self.quantized[name].stored if name in self.quantized else name]
         return SafetensorsStore(self.file(shard), self.shards[shard])
 
     def describe_quantization(self) -> str | None:
@@ -60,7 +61,7 @@ class Checkpoint:
         return "; ".join(kinds) or None
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.weight_map or name in self.quantized  # an MXFP4 weight is stored as its parts
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -12,6 +12,10 @@ Two layouts, as the tools that make them save them:
 - block-scaled FP8 (DeepSeek-V3, Qwen3-FP8, transformers' fine-grained FP8): `X.weight` is
   F8_E4M3 and `X.weight_scale_inv` (F32) holds one scale per block of the weight
   (config.json `quantization_config.weight_block_size`, 128x128 by default).
+- MXFP4 (gpt-oss experts, transformers' `quant_method: mxfp4`): the parameter `X` (E, in, out) is
+  not stored; `X_blocks` U8 (E, out, in/32, 16) holds its e2m1 codes, 32 per block, two per byte,
+  and `X_scales` U8 (E, out, in/32) one power-of-two exponent (bias 127) per block
+  (ops/dequant_mxfp4.py decodes them).
 
 `find_quantized` maps each quantized weight's name to a `QuantizedWeight` that says how to
 read it (ops/dequant.py does the arithmetic) and which tensors belong to it.
@@ -34,17 +38,20 @@ BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 BNB_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 FP8_SCALE = "_scale_inv"  # X.weight -> X.weight_scale_inv
 FP8_DEFAULT_BLOCK = (128, 128)
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"  # X -> X_blocks, X_scales
+MXFP4_BLOCK = 32  # values per scale: 16 bytes
 MAX_STATE_BYTES = 1 << 16  # a quant state is ~200 bytes of JSON
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
     name: str  # the weight's name, e.g. model.layers.0.mlp.down_proj.weight
-    scheme: str  # "nf4", "fp4" or "fp8"
+    scheme: str  # "nf4", "fp4", "fp8" or "mxfp4"
     shape: tuple[int, ...]  # the dequantized shape
-    dtype: str  # the dtype the dequantized values are given in (bnb: its quant state's; FP8: BF16)
-    block: tuple[int, ...]  # bnb: (blocksize,) over the flattened weight; FP8: (rows, cols)
+    dtype: str  # the dtype the dequantized values are given in (bnb: its quant state's; FP8, MXFP4: BF16)
+    block: tuple[int, ...]  # bnb: (blocksize,) over the flattened weight; FP8: (rows, cols); MXFP4: (32,)
     parts: dict[str, str] = field(default_factory=dict)  # role -> tensor name (besides `name`)
+    # MXFP4: "blocks" holds the codes, and `name` itself is not stored (the model's parameter name)
     nested_blocksize: int = 0  # bnb double quant: absmax block size (0: no double quant)
     nested_offset: float = 0.0
 
@@ -52,7 +59,14 @@ class QuantizedWeight:
     def nested(self) -> bool:
         return self.nested_blocksize > 0
 
+    @property
+    def stored(self) -> str:
+        """The stored tensor that holds the codes (the weight's own name but for MXFP4)."""
+        return self.parts.get("blocks", self.name)
+
     def describe(self) -> str:
+        if self.scheme == "mxfp4":
+            return "mxfp4 e2m1, 32-value blocks with power-of-two scales"
         if self.scheme == "fp8":
             return f"fp8 e4m3, {self.block[0]}x{self.block[1]} block scales"
         return f"{self.scheme}, {'double quant, ' if self.nested else ''}blocksize {self.block[0]}"
@@ -72,6 +86,9 @@ def find_quantized(headers: dict[str, Header], weight_map: dict[str, str], confi
             weight = _fp8_weight(name[: -len(FP8_SCALE)], headers, weight_map, config, path_of)
             if weight is not None:
                 found[weight.name] = weight
+        elif name.endswith(MXFP4_BLOCKS) and info.dtype == "U8":
+            weight = _mxfp4_weight(name[: -len(MXFP4_BLOCKS)], headers, weight_map, config)
+            found[weight.name] = weight
     owned = {part for w in found.values() for part in w.parts.values()}
     for name in weight_map:
         if name.rpartition(".")[2] in BNB_PARTS and name.rpartition(".")[0] not in found and name not in owned:
@@ -194,3 +211,26 @@ def _fp8_weight(name: str, headers, weight_map, config: dict | None, path_of) ->
         raise FormatError(f"{scale_name}: a block scale is NaN or Inf, so {name} is not finite where it applies; "
                           "the checkpoint is corrupt", code="quant-state")
     return QuantizedWeight(name, "fp8", weight.shape, "BF16", block, {"scale_inv": scale_name})
+
+
+def _mxfp4_weight(name: str, headers, weight_map, config: dict | None) -> QuantizedWeight:
+    """X_blocks (E, out, in/32, 16) and X_scales (E, out, in/32), both U8, as transformers saves
+    gpt-oss experts: the parameter X is (E, in, out)."""
+    blocks, scales = name + MXFP4_BLOCKS, name + MXFP4_SCALES
+    where = f"{name} (mxfp4)"
+    method = ((config or {}).get("quantization_config") or {}).get("quant_method", "mxfp4")
+    if method != "mxfp4":
+        raise FormatError(f"{where}: {blocks} is packed like MXFP4 but config.json's quant_method is {method!r}",
+                          code="quant-state")
+    if scales not in weight_map:
+        raise FormatError(f"{where}: {blocks} without {scales}; the checkpoint is incomplete", code="quant-state")
+    if name in weight_map:
+        raise FormatError(f"{where}: the checkpoint stores {name} beside its MXFP4 blocks", code="quant-state")
+    have, scale = headers[weight_map[blocks]].tensors[blocks], headers[weight_map[scales]].tensors[scales]
+    if len(have.shape) != 4 or have.shape[3] != MXFP4_BLOCK // 2 or scale.dtype != "U8" or scale.shape != have.shape[:3]:
+        raise FormatError(f"{where}: {blocks} is U8{list(have.shape)} and {scales} {scale.dtype}{list(scale.shape)}; "
+                          f"MXFP4 experts need U8 (E, out, in/{MXFP4_BLOCK}, {MXFP4_BLOCK // 2}) and U8 (E, out, in/{MXFP4_BLOCK})",
+                          code="quant-state")
+    experts, out, groups, _ = have.shape
+    return QuantizedWeight(name, "mxfp4", (experts, groups * MXFP4_BLOCK, out), "BF16", (MXFP4_BLOCK,),
+                           {"blocks": blocks, "scales": scales})

@@ -28,7 +28,8 @@ def base_summary(base: Checkpoint) -> dict[str, Any]:
     return {
         "path": str(base.path),
         "shards": len(base.shards),
-        "tensors": len(base.weight_map) - len(base.quant_parts),
+        # an MXFP4 weight is stored only as its parts
+        "tensors": len(base.weight_map) - len(base.quant_parts) + sum(w.stored != w.name for w in base.quantized.values()),
         "quantization": base.describe_quantization(),
         "quantized_weights": len(base.quantized),
     }

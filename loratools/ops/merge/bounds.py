@@ -42,7 +42,7 @@ import numpy as np
 
 from ...arch import Layout
 from ...errors import LoraToolsError
-from .. import dequant
+from .. import dequant, dequant_mxfp4
 
 if TYPE_CHECKING:
     from .plan import MergePlan, TensorOps
@@ -212,6 +212,8 @@ def _header_bound(plan: "MergePlan", name: str, held: str) -> float:
     weight = plan.base.quantized.get(name)
     if weight is None:
         return largest(held)
+    if weight.scheme == "mxfp4":  # a power of two times a code: exact in bf16
+        return dequant_mxfp4.largest(dequant_mxfp4.read_scales(plan.base, weight))
     parts = dequant.read_parts(plan.base, weight)  # the small tensors: scales and code maps
     if weight.scheme == "fp8":
         return dequant.E4M3_MAX * _max(np.abs(_float64(parts["scale_inv"]))) * (1 + 2 * unit("F32"))
@@ -232,8 +234,10 @@ def _row_blocks(values: np.ndarray, held: str | None):
 def _held_values(plan: "MergePlan", name: str, held: str) -> np.ndarray:
     """The base tensor as shard.py holds it (bf16 as its bits; a quantized weight dequantized)."""
     base = plan.base
-    raw = base.store(name).raw(name)
     weight = base.quantized.get(name)
+    if weight is not None and weight.scheme == "mxfp4":
+        return dequant_mxfp4.read(base, weight)
+    raw = base.store(name).raw(name)
     if weight is not None:
         return dequant.dequantize(weight, raw, dequant.read_parts(base, weight))
     return raw.view(_NUMPY[held]).reshape(base.info(name).shape)

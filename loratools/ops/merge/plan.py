@@ -53,7 +53,7 @@ class OutputTensor:
     name: str
     dtype: str  # dtype code it is written in
     shape: tuple[int, ...]
-    source: str  # the base tensor it is made from: itself, or the embedding an untied head was tied to
+    source: str  # the base tensor it is made from: itself, the embedding an untied head was tied to, or MXFP4 blocks
     action: str = "copy"  # a key of ACTIONS
     kernel: str | None = None  # one of KERNELS where values are computed; None for copy and plain dequantize
     held: str | None = None  # the dtype code the values are computed from (stored, or dequantized into)
@@ -266,11 +266,14 @@ def _outputs(base: Checkpoint, ops: dict[str, TensorOps], out_dtype: str | None,
         for name in ops:
             if name in base.quantized:
                 requantized.update({part: name for part in base.quantized[name].parts.values()} | {name: name})
+    # MXFP4: the weight is written under its own name where its blocks are stored (its scales dropped)
+    named = {w.stored: w.name for w in base.quantized.values() if w.stored != w.name}
     outputs = {}
     for shard, header in base.shards.items():
         entries = []
-        for name in sorted(header.tensors, key=lambda n: header.tensors[n].start):  # sequential reads
-            stored = header.tensors[name]
+        for stored_name in sorted(header.tensors, key=lambda n: header.tensors[n].start):  # sequential reads
+            name = named.get(stored_name, stored_name)
+            stored = header.tensors[stored_name]
             if keep_quantized and (name in base.quantized or name in base.quant_parts):
                 dtype = stored.dtype
             elif name in base.quant_parts:
@@ -281,7 +284,7 @@ def _outputs(base: Checkpoint, ops: dict[str, TensorOps], out_dtype: str | None,
             stored_shape, reshaped = tuple(stored.shape), reshaped or {}
             shape = reshaped.get(name, stored_shape)
             decoded = name in base.quantized and not keep_quantized
-            entries.append(_output(base, ops, name, name, dtype, shape, decoded, requantized.get(name), device))
+            entries.append(_output(base, ops, name, stored_name, dtype, shape, decoded, requantized.get(name), device))
             if name in head_of:  # (plan_merge refuses to untie a quantized embedding)
                 entries.append(_output(base, ops, head_of[name], name, dtype, reshaped.get(head_of[name], stored_shape), False,
                                        None, device))
@@ -299,8 +302,8 @@ def _output(base: Checkpoint, ops: dict[str, TensorOps], name: str, source: str,
         kernel = kernel_for(ops[requantized], held, "F32", tuple(weight.shape), device)
         return OutputTensor(name, dtype, shape, source, "requantize", kernel, held, requantized,
                             _feeds(ops[requantized]) if name == requantized else ())
-    quantized = source if decoded else None
-    held = dequant.value_dtype(base.quantized[source]) if quantized else base.shards[base.weight_map[source]].tensors[source].dtype
+    quantized = name if decoded else None
+    held = dequant.value_dtype(base.quantized[name]) if quantized else base.shards[base.weight_map[source]].tensors[source].dtype
     if op is None:
         if quantized:  # decoded into its own dtype, rounded by the numpy store if another is asked for
             return OutputTensor(name, dtype, shape, source, "dequantize", None if held == dtype else "numpy", held, quantized)

@@ -9,7 +9,8 @@ it (kernel_torch.py: DoRA, KaSA, replaced rows, lora_bias, other dtypes, a GPU).
 
 A quantized weight (formats/quantized.py) is dequantized (dequant.py: bnb into its quant
 state's dtype, bit for bit as bitsandbytes does; FP8 into float32) and merged from there; its
-scales and code maps are not written. A bnb weight on the numpy kernel is decoded row block by
+scales and code maps are not written (MXFP4: dequant_mxfp4.py, into bf16, written under the
+parameter's name where its blocks were). A bnb weight on the numpy kernel is decoded row block by
 row block inside the merge's loop (dequant.BnbRows): no whole-tensor array. With `keep_quantized` (FP8), a changed
 weight is quantized again and written with its new scales; unchanged ones are copied as stored.
 """
@@ -23,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from ...formats.safetensors_writer import StreamingSafetensorsWriter
-from .. import dequant
+from .. import dequant, dequant_mxfp4
 from . import kernel_numpy
 from .plan import MergePlan, OutputTensor
 
@@ -86,7 +87,7 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, progress: Cal
                     else:
                         _merge_tensor(plan, out, raw, writer, work, torch_state)
                 source.release(info)
-                if progress and out.name == out.source:  # an untied head is its embedding read again
+                if progress and out.name not in plan.untied:  # an untied head is its embedding read again
                     progress(info.end - info.start)
             writer.close()
             torch_state.verify()
@@ -101,7 +102,10 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, progress: Cal
 def _dequantize(plan: MergePlan, name: str, source: "_SourceMap") -> tuple[np.ndarray, str]:
     """The values of a quantized weight and the dtype code they are held in."""
     weight = plan.base.quantized[name]
-    stored = np.frombuffer(source.bytes(plan.base.shards[plan.base.weight_map[name]].tensors[name]), dtype=np.uint8)
+    stored = np.frombuffer(source.bytes(plan.base.shards[plan.base.weight_map[weight.stored]].tensors[weight.stored]),
+                           dtype=np.uint8)
+    if weight.scheme == "mxfp4":
+        return dequant_mxfp4.dequantize(stored, dequant_mxfp4.read_scales(plan.base, weight), weight.shape), weight.dtype
     return dequant.dequantize(weight, stored, dequant.read_parts(plan.base, weight)), dequant.value_dtype(weight)
 
 
