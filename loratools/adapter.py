@@ -308,8 +308,13 @@ class Adapter:
             module, depth = path, 0
             while module.endswith(".base_layer"):
                 module, depth = module[: -len(".base_layer")], depth + 1
-            names = {t.rpartition(".")[2] for t in targets
-                     if f"{module}.{t.rpartition('.')[2]}" == t or f"{module}.{t.rpartition('.')[2]}".endswith("." + t)}
+            # PEFT matches a target against `<module>.<parameter>` for the parameters the module
+            # holds; without the model, an experts module holds the fused parameters and any other
+            # module its weight (so "all-linear"'s bare `down_proj` is never an attention module's).
+            holds = None if module.rpartition(".")[2] == "experts" else {"weight"}
+            names = {leaf for t in targets for leaf in [t.rpartition(".")[2]]
+                     if (holds is None or leaf in holds)
+                     and (f"{module}.{leaf}" == t or f"{module}.{leaf}".endswith("." + t))}
             ordered = [n for n in order if n in names] + sorted(names - set(order))
             if depth < len(ordered) and not (ordered == ["weight"] and depth == 0):
                 # (a module's own 2-D weight alone, e.g. a v5 router, is an nn.Linear LoRA: a plain module)

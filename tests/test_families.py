@@ -128,3 +128,28 @@ def test_per_expert_modules_have_expert_roles():
     assert locate("mixtral", "model.", "model.layers.0.block_sparse_moe.experts.7.w2").role.value == "expert_down"
     assert locate("mixtral", "model.", "model.layers.0.block_sparse_moe.gate").role.value == "router"
     assert locate("deepseek_v3", "model.", "model.layers.1.mlp.shared_experts.up_proj").role.value == "ffn_up"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe"])
+def test_peft_all_linear_on_moe_merges_experts_and_router(tmp_path, family):
+    """PEFT's own `target_modules="all-linear"` on a transformers 5 MoE model targets the attention
+    by module and the experts and router by parameter (`target_parameters` of bare names such as
+    `down_proj` and `gate.weight`): a bare `down_proj` is the experts module's parameter, never an
+    attention module's. OUT equals PEFT's merge and gives the PEFT model's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
+    save_base(family, base)
+    peft = get_peft_model(tf.AutoModelForCausalLM.from_pretrained(str(base)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomise_b(peft, 1)
+    peft.save_pretrained(str(adapter))
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]  # what makes the case
+    logits, reference = peft_reference(tf.AutoModelForCausalLM, base, adapter, tmp_path / "ref", inputs())
+    result = run_cli("merge", base, adapter, out)
+    assert result.returncode == 0, result.stderr
+    ours = merged_tensors(out)
+    assert sorted(ours) == sorted(reference)
+    assert_matches_peft(ours, reference)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs()).logits, logits, rtol=1e-4, atol=1e-5)
