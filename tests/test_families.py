@@ -78,6 +78,20 @@ def inputs():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def assert_merge_equals_peft(base, adapter, out, ref) -> None:
+    """`loratools merge` writes PEFT's merge_and_unload (saved by transformers), and transformers
+    loads OUT with the PEFT model's logits."""
+    logits, reference = peft_reference(tf.AutoModelForCausalLM, base, adapter, ref, inputs())
+    result = run_cli("merge", base, adapter, out)
+    assert result.returncode == 0, result.stderr
+    ours = merged_tensors(out)
+    assert sorted(ours) == sorted(reference)
+    assert_matches_peft(ours, reference)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs()).logits, logits, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_info_reports_family_and_roles(tmp_path, family):
     base, adapter = tmp_path / "base", tmp_path / "adapter"
@@ -96,15 +110,7 @@ def test_merge_equals_peft(tmp_path, family):
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
     save_base(family, base)
     make_adapter(base, adapter, "linear-but-router" if family == "llama4_text" else "linear")
-    logits, reference = peft_reference(tf.AutoModelForCausalLM, base, adapter, tmp_path / "ref", inputs())
-    result = run_cli("merge", base, adapter, out)
-    assert result.returncode == 0, result.stderr
-    ours = merged_tensors(out)
-    assert sorted(ours) == sorted(reference)
-    assert_matches_peft(ours, reference)
-    loaded = tf.AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs()).logits, logits, rtol=1e-4, atol=1e-5)
+    assert_merge_equals_peft(base, adapter, out, tmp_path / "ref")
 
 
 def test_attention_only_adapter_on_a_moe_base_without_a_recorded_class(tmp_path):
@@ -144,12 +150,4 @@ def test_peft_all_linear_on_moe_merges_experts_and_router(tmp_path, family):
     randomise_b(peft, 1)
     peft.save_pretrained(str(adapter))
     assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]  # what makes the case
-    logits, reference = peft_reference(tf.AutoModelForCausalLM, base, adapter, tmp_path / "ref", inputs())
-    result = run_cli("merge", base, adapter, out)
-    assert result.returncode == 0, result.stderr
-    ours = merged_tensors(out)
-    assert sorted(ours) == sorted(reference)
-    assert_matches_peft(ours, reference)
-    loaded = tf.AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs()).logits, logits, rtol=1e-4, atol=1e-5)
+    assert_merge_equals_peft(base, adapter, out, tmp_path / "ref")
