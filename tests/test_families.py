@@ -151,3 +151,18 @@ def test_peft_all_linear_on_moe_merges_experts_and_router(tmp_path, family):
     peft.save_pretrained(str(adapter))
     assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]  # what makes the case
     assert_merge_equals_peft(base, adapter, out, tmp_path / "ref")
+
+
+def test_llama4_fused_experts_stored_fused_merge(tmp_path):
+    """Llama 4 stores its experts fused on disk, as in memory ((E, hidden, 2·inter) with no
+    `is_transposed`): a target_parameters adapter's ΔW_e goes into expert e's slice as PEFT computes it."""
+    from peft import LoraConfig, get_peft_model
+
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
+    save_base("llama4_text", base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        target_parameters=["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"])
+    peft = get_peft_model(tf.AutoModelForCausalLM.from_pretrained(str(base)), config)
+    randomise_b(peft, 1)
+    peft.save_pretrained(str(adapter))
+    assert_merge_equals_peft(base, adapter, out, tmp_path / "ref")

@@ -90,6 +90,13 @@ LAYOUTS: tuple[ExpertsLayout, ...] = (
         FusedParameter("gate_up_proj", Role.EXPERT_GATE_UP, ()),
         FusedParameter("down_proj", Role.EXPERT_DOWN, ()),
     ), transposed=True),
+    # Llama 4 checkpoints store the experts as in memory too: gate_up_proj (E, hidden, 2·inter), gate
+    # then up along its last dim, down_proj (E, inter, hidden); its experts module has no
+    # `is_transposed`, so PEFT's ΔW_e = s·B_e·A_e is the (d1, d2) slice itself.
+    ExpertsLayout("llama4", ("llama4_text", "llama4"), "feed_forward.experts", "feed_forward.experts", (
+        FusedParameter("gate_up_proj", Role.EXPERT_GATE_UP, ()),
+        FusedParameter("down_proj", Role.EXPERT_DOWN, ()),
+    )),
 )
 
 BY_MODEL_TYPE: dict[str, ExpertsLayout] = {t: layout for layout in LAYOUTS for t in layout.model_types}
