@@ -81,10 +81,12 @@ def export_gguf(adapter: Adapter, out: str | os.PathLike, base_arch: str | None 
     family = base_arch or adapter.architecture
     if family is None:
         raise UsageError("cannot tell the adapter's architecture; give --base-arch")
-    _refuse_unservable(adapter)  # before the family: what no GGUF carries is the first thing to say
-    target = gguf_arch(family)
-    if base_arch is not None and (conflict := base_architecture_conflict(adapter, base_arch)):
+    # A family GGUF export writes that the adapter's own evidence contradicts is the first thing to
+    # say; then what no GGUF LoRA carries (gpt_oss's experts, before "GGUF export knows ...").
+    if base_arch in GGUF_ARCHS and (conflict := base_architecture_conflict(adapter, base_arch)):
         raise ConfigError(conflict, code="base-architecture")
+    _refuse_unservable(adapter)
+    target = gguf_arch(family)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[target.name.upper()], _block_count(adapter))
     alpha = float(adapter.config.lora_alpha)
     report = ExportReport(str(adapter.source), str(out), target.name, alpha, 0, len(adapter.modules),

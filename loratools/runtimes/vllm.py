@@ -29,6 +29,7 @@ experts (EXPERTS_UNCHECKED says so).
 
 from __future__ import annotations
 
+from ..arch import family_from_evidence
 from . import ExpertFamilies, Option, RankLimit, Rule, Runtime
 from .common import (CONV_UNSERVED, FEATURE_UNREAD, FEATURES, FROM_CONV, FROM_DORA, FROM_INITIAL, IF_EMBEDDING_CHANGED,
                      INIT_UNREAD, MERGE, NO_CONVERSION, TO_PLAIN, TO_SCALING_1)
@@ -64,14 +65,18 @@ def _rank_rules(limit: RankLimit, source: str, since: str | None, until: str | N
     )
 
 
-# MOE: the vLLM model classes with is_3d_moe_weight = True, and their transformers model_type.
+# MOE: the vLLM model classes with is_3d_moe_weight = True (vLLM's fact), each with the name messages
+# give it. A base's config.json names its family by model_type: for a class loratools has a family
+# of, that family's name (arch/ holds it); the others are transformers' model_types of those classes.
+_3D_MOE_CLASSES = {
+    "GptOssForCausalLM": None, "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
+    "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+    "InternS1ProForConditionalGeneration": "InternS1Pro",
+}
+_3D_MOE_NAMES = {cls: name or family_from_evidence(class_name=cls).name for cls, name in _3D_MOE_CLASSES.items()}
 FUSED_EXPERTS = ExpertFamilies(
-    fused=frozenset({
-        "GptOssForCausalLM", "gpt_oss", "Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe",
-        "Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe", "Glm4MoeLiteForCausalLM", "glm4_moe_lite",
-        "InternS1ProForConditionalGeneration",
-    }),
-    fused_labels=("gpt_oss", "qwen3_5_moe", "qwen3_vl_moe", "glm4_moe_lite", "InternS1Pro"),
+    fused=frozenset({*_3D_MOE_CLASSES, *_3D_MOE_NAMES.values()}),
+    fused_labels=tuple(_3D_MOE_NAMES.values()),
     pair=("gate_up_proj", "down_proj"),
 )
 MOE_READ = "0.33.0"  # the release line whose MoE LoRA loader was read
