@@ -28,6 +28,10 @@ from .rounding import round_to_bf16, round_to_bf16_in_float32, widen_bf16
 E4M3_MAX = 448.0
 
 
+# The bitsandbytes 4-bit schemes: decoded row block by row block (BnbRows); FP8 and MXFP4 whole.
+BNB_SCHEMES = ("nf4", "fp4")
+
+
 def read_parts(checkpoint: Checkpoint, weight: QuantizedWeight) -> dict[str, np.ndarray]:
     """The small tensors a quantized weight needs beside its codes (scales, code maps)."""
     return {role: checkpoint.store(name).array(name) for role, name in weight.parts.items() if role != "state"}

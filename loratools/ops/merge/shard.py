@@ -67,7 +67,7 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, progress: Cal
                     if out.name not in requantized:
                         requantized.update(_requantize(plan, out, source, work, torch_state))
                     writer.write(requantized.pop(out.name))
-                elif out.quantized and out.kernel != "torch" and plan.base.quantized[out.quantized].scheme != "fp8":
+                elif out.quantized and out.kernel != "torch" and plan.base.quantized[out.quantized].scheme in dequant.BNB_SCHEMES:
                     # bnb 4-bit: decoded row block by row block inside the merge's own loop
                     rows = _bnb_rows(plan, out.quantized, source)
                     if out.action == "dequantize":  # no ΔW: into the output dtype (checked if it changes)
