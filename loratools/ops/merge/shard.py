@@ -102,8 +102,7 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, progress: Cal
 def _dequantize(plan: MergePlan, name: str, source: "_SourceMap") -> tuple[np.ndarray, str]:
     """The values of a quantized weight and the dtype code they are held in."""
     weight = plan.base.quantized[name]
-    stored = np.frombuffer(source.bytes(plan.base.shards[plan.base.weight_map[weight.stored]].tensors[weight.stored]),
-                           dtype=np.uint8)
+    stored = _stored_codes(plan, weight, source)
     if weight.scheme == "mxfp4":
         return dequant_mxfp4.dequantize(stored, dequant_mxfp4.read_scales(plan.base, weight), weight.shape), weight.dtype
     return dequant.dequantize(weight, stored, dequant.read_parts(plan.base, weight)), dequant.value_dtype(weight)
@@ -111,8 +110,13 @@ def _dequantize(plan: MergePlan, name: str, source: "_SourceMap") -> tuple[np.nd
 
 def _bnb_rows(plan: MergePlan, name: str, source: "_SourceMap") -> dequant.BnbRows:
     weight = plan.base.quantized[name]
-    stored = np.frombuffer(source.bytes(plan.base.shards[plan.base.weight_map[name]].tensors[name]), dtype=np.uint8)
-    return dequant.bnb_rows(weight, stored, dequant.read_parts(plan.base, weight))
+    return dequant.bnb_rows(weight, _stored_codes(plan, weight, source), dequant.read_parts(plan.base, weight))
+
+
+def _stored_codes(plan: MergePlan, weight, source: "_SourceMap") -> np.ndarray:
+    """The bytes of the tensor holding a quantized weight's codes (MXFP4: its `_blocks`)."""
+    info = plan.base.shards[plan.base.weight_map[weight.stored]].tensors[weight.stored]
+    return np.frombuffer(source.bytes(info), dtype=np.uint8)
 
 
 def _requantize(plan: MergePlan, out: OutputTensor, source: "_SourceMap", work, torch_state) -> dict[str, np.ndarray]:
