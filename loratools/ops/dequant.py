@@ -23,6 +23,7 @@ import numpy as np
 from ..formats.checkpoint import Checkpoint
 from ..formats.dtypes import HELD
 from ..formats.quantized import QuantizedWeight
+from . import fused
 from .rounding import round_to_bf16, round_to_bf16_in_float32, widen_bf16
 
 E4M3_MAX = 448.0
@@ -130,6 +131,15 @@ class BnbRows:
         # as one 16-byte item: a numpy gather costs per index, and a 1-D one of whole items is the fast one
         self.pairs = self.packed[: self.numel // 4 * 2].view("<u2")
         self.four = _four_codes(code.tobytes()).view("V16").reshape(-1)
+        # the one-pass kernel decodes from the codes as fill does (quant state bf16 or float32)
+        self.one_pass = fused.native is not None and dtype in ("BF16", "F32") and code.size == 16
+
+    def add_rounded(self, start: int, stop: int, delta: np.ndarray | None, out: np.ndarray, limit: float) -> bool:
+        """Rows [start, stop) decoded, ΔW rows `delta` added, rounded into bfloat16 bits `out`
+        in one pass (fused.py); whether every sum is below `limit` in magnitude."""
+        cols = self.shape[1]
+        return fused.native.add_4bit(self.packed, start * cols, self.code, self.absmax, self.blocksize,
+                                     delta, out, limit, self.dtype == "BF16")
 
     def fill(self, start: int, stop: int, block: np.ndarray, scratch: np.ndarray) -> None:
         """Rows [start, stop) as float32 into `block` (shape (stop-start, cols)), rounded to the

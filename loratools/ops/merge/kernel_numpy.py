@@ -6,7 +6,10 @@ does with the same float32 arithmetic. Everything else (DoRA, KaSA, replaced row
 other dtypes, a GPU) goes through kernel_torch.py with torch.
 
 Row blocks of ~1 MB: widen into a float32 block, add the products, check that it rounds to finite
-values (two read-only reductions), round once into a writer buffer (rounding.py), queue.
+values (two read-only reductions), round once into a writer buffer (rounding.py), queue. Into
+bfloat16 (nearly every merge) the products go into a float32 block and one pass of the C
+extension (ops/fused.py) does the rest; the numpy path is the same arithmetic, kept for every
+other case and where the extension was not built.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from ...errors import LoraToolsError
 from ...formats.dtypes import HELD
+from .. import fused
 from ..rounding import BF16_OVERFLOW, finite_below, round_to_bf16, widen_bf16
 
 if TYPE_CHECKING:
@@ -53,6 +57,14 @@ class StoredRows:
     def __init__(self, values: np.ndarray, dtype: str):
         self.values, self.dtype = values.reshape(-1, values.shape[-1] if values.ndim > 1 else 1), dtype
         self.shape = self.values.shape
+        self.one_pass = fused.native is not None and dtype in ("BF16", "F32")
+
+    def add_rounded(self, start: int, stop: int, delta: np.ndarray | None, out: np.ndarray, limit: float) -> bool:
+        """Rows [start, stop) plus ΔW rows `delta` (None: none) rounded into bfloat16 bits `out`
+        in one pass (fused.py); whether every sum is below `limit` in magnitude."""
+        if self.dtype == "BF16":
+            return fused.native.add_bf16(self.values[start:stop], delta, out, limit)
+        return fused.native.add_f32(self.values[start:stop], delta, out, limit, False)
 
     def fill(self, start: int, stop: int, block: np.ndarray, scratch: np.ndarray) -> None:
         if self.dtype == "BF16":  # the top half of a float32: widened exactly
@@ -84,6 +96,9 @@ def store(values, out_dtype: str, writer, name: str, work: Workspace, *, check: 
 
 
 def _merge_blocks(products, base, out_dtype: str, writer, name: str, work: Workspace, *, check: bool = True) -> None:
+    if check and out_dtype == "BF16" and base.one_pass and _disjoint(products):
+        _merge_blocks_one_pass(products, base, writer, name, work)
+        return
     rows, cols = base.shape
     step = max(1, ROW_BLOCK_BYTES // (4 * max(1, cols)))
     out_type = DTYPES[out_dtype]
@@ -106,4 +121,39 @@ def _merge_blocks(products, base, out_dtype: str, writer, name: str, work: Works
             round_to_bf16(block, target, bits, finite=check)
         else:
             np.copyto(target, block, casting="same_kind")
+        writer.write(target, slot=True)
+
+
+def _disjoint(products) -> bool:
+    """Whether no row gets two products (then each row's sum is base + one product, the order
+    the numpy path adds in; two would be added one after the other)."""
+    spans = sorted((first, first + left.shape[0]) for left, _, first in products)
+    return all(stop <= start for (_, stop), (start, _) in zip(spans, spans[1:]))
+
+
+def _merge_blocks_one_pass(products, base, writer, name: str, work: Workspace) -> None:
+    """_merge_blocks into bfloat16: each product into a float32 block, then one pass of the C
+    extension per run of rows (widen or decode, add, check, round). The same bits."""
+    rows, cols = base.shape
+    step = max(1, ROW_BLOCK_BYTES // (4 * max(1, cols)))
+    products = sorted(products, key=lambda p: p[2])
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        target = writer.buffer((stop - start) * cols * 2).view(np.uint16).reshape(stop - start, cols)
+        product = work.get("product", np.float32, (stop - start, cols))
+        finite, done = True, start  # rows before `done` are in target
+        for left, right, first in products:
+            lo, hi = max(start, first), min(stop, first + left.shape[0])
+            if lo >= hi:
+                continue
+            if done < lo:  # rows no product touches: the base alone, checked and rounded
+                finite &= base.add_rounded(done, lo, None, target[done - start: lo - start], BF16_OVERFLOW)
+            delta = product[lo - start: hi - start]
+            np.matmul(left[lo - first: hi - first], right, out=delta)
+            finite &= base.add_rounded(lo, hi, delta, target[lo - start: hi - start], BF16_OVERFLOW)
+            done = hi
+        if done < stop:
+            finite &= base.add_rounded(done, stop, None, target[done - start:], BF16_OVERFLOW)
+        if not finite:
+            raise LoraToolsError(f"merged {name} is not finite (overflows bfloat16?); nothing was written", code="non-finite")
         writer.write(target, slot=True)
