@@ -1,6 +1,6 @@
 """Benchmark `loratools merge` against the I/O floor (cp -r) and the PEFT pipeline, same run.
 
-    .venv/bin/python bench/merge_bench.py [--layers 22] [--small-layers 11] [--workdir DIR] [--skip-peft]
+    .venv/bin/python bench/merge_bench.py [--layers 22] [--small-layers 4] [--workdir DIR] [--skip-peft]
 
 Builds a synthetic LLaMA-shaped bf16 base (hidden 2048, intermediate 5632, 32000 vocab: 22
 layers is ~1.1B parameters) in 4 shards and an r=16 adapter on all seven projections, then times
@@ -67,14 +67,13 @@ def run(cmd: list[str]) -> tuple[float, float, int]:
 
 
 def prepare(inputs: list[Path], out: Path) -> None:
-    """The same start for every contender: no previous output, nothing left to write back, an
-    empty page cache where we may drop it (root), then the inputs read once (warm)."""
+    """The same start for every contender: no previous output, nothing left to write back, the
+    inputs read once (warm: a base just downloaded or just read). The page cache is not dropped:
+    on virtual machines that hand freed memory back to the host, every page written after a drop
+    costs a host fault, which made a write()-based copy 5-15x slower from run to run while cp's
+    in-kernel copy sometimes escaped it; a figure then measured the host, not the contenders."""
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass  # not root: the page cache stays as it is
     for path in inputs:
         warm(path)
 
@@ -120,7 +119,7 @@ def interleaved(contenders: dict[str, tuple[list[str], list[Path]]], out: Path, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=22)
-    ap.add_argument("--small-layers", type=int, default=11)
+    ap.add_argument("--small-layers", type=int, default=4)  # ~0.3B parameters
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--skip-peft", action="store_true")
@@ -154,7 +153,7 @@ def main() -> None:
             peft = interleaved({"peft": ([sys.executable, "-c", PEFT_PIPELINE, str(base), str(adapter), str(out)], [base, adapter])}, out, 1)["peft"]
             print(f"  {'PEFT pipeline':24}{peft[0]:8.2f}s{peft[1]:8.2f}s{peft[2] / 2**20:8.0f} MiB")
         print("ratios (returns / + sync):")
-        print(f"  loratools / cp           {lt[0] / cp[0]:5.2f}x / {lt[1] / cp[1]:5.2f}x   (target <= 2x)")
+        print(f"  loratools / cp           {lt[0] / cp[0]:5.2f}x / {lt[1] / cp[1]:5.2f}x   (target with sync: <= 1.5x)")
         print(f"  loratools / user copy    {lt[0] / user[0]:5.2f}x / {lt[1] / user[1]:5.2f}x")
         if not args.skip_peft:
             print(f"  PEFT / loratools         {peft[0] / lt[0]:5.1f}x / {peft[1] / lt[1]:5.1f}x   (target >= 8x)")
@@ -163,7 +162,8 @@ def main() -> None:
         print("peak RSS as the model grows (should stay flat):")
         for layers, params, largest, cp, lt, user, lt1 in rows:
             print(f"  {params / 1e9:5.2f}B params, largest shard {largest / 2**20:5.0f} MiB: loratools {lt[2] / 2**20:6.0f} MiB, "
-                  f"{lt[0] / cp[0]:4.2f}x cp")
+                  f"{lt[0] / cp[0]:4.2f}x cp / {lt[1] / cp[1]:4.2f}x with sync")
+        print("  (targets with sync: <= 1.5x at 1.1B, <= 2x at 0.3B)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
