@@ -136,6 +136,32 @@ def test_decode_is_transformers_for_every_code_and_scale(dtype):
         assert torch.equal(widened.to(dtype).view(torch.uint8), ref.contiguous().view(torch.uint8))  # bit for bit
 
 
+def test_rows_are_the_whole_decode_expert_by_expert():
+    """What the merge reads (Mxfp4Rows: one expert decoded at a time) is the whole weight's decode,
+    whatever the row blocks: blocks crossing experts, one row, the whole view; the one-pass
+    kernel's sums are the widened values plus ΔW rounded once."""
+    from loratools.ops import fused
+    from loratools.ops.rounding import BF16_OVERFLOW, round_to_bf16
+
+    gen = np.random.default_rng(3)
+    blocks, scales = gen.integers(0, 256, (3, 40, 2, 16), dtype=np.uint8), gen.integers(100, 140, (3, 40, 2), dtype=np.uint8)
+    shape = (3, 64, 40)
+    whole = dequant_mxfp4.dequantize(blocks.reshape(-1), scales, shape).reshape(3 * 64, 40)
+    rows = dequant_mxfp4.Mxfp4Rows(blocks.reshape(-1), scales, shape)
+    assert rows.shape == whole.shape
+    widened = (whole.astype(np.uint32) << 16).view(np.float32)
+    delta = (gen.standard_normal(whole.shape) * 0.01).astype(np.float32)
+    for start, stop in [(0, 192), (60, 70), (63, 129), (5, 6), (128, 192)]:
+        block = np.empty((stop - start, 40), dtype=np.float32)
+        rows.fill(start, stop, block, None)
+        assert np.array_equal(block.view(np.uint32), widened[start:stop].view(np.uint32)), (start, stop)
+        out, want = np.empty((stop - start, 40), dtype=np.uint16), np.empty((stop - start, 40), dtype=np.uint16)
+        assert rows.add_rounded(start, stop, delta[start:stop], out, BF16_OVERFLOW)
+        round_to_bf16(widened[start:stop] + delta[start:stop], want, np.empty(want.shape, dtype=np.uint32))
+        assert np.array_equal(out, want)
+    assert rows.one_pass and fused.native is not None
+
+
 def test_test_quantizer_keeps_the_weights_close():
     """The test base is a fair MXFP4 checkpoint: within half a code step of the weights."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..formats.checkpoint import Checkpoint
 from ..formats.quantized import QuantizedWeight
-from .rounding import round_to_bf16
+from . import fused
+from .rounding import round_to_bf16, widen_bf16
 
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
 E2M1_MAX = 6.0
@@ -62,6 +63,46 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, shape: tuple[int, ...]) -
             for c in range(0, cols, TILE):
                 out[e, c: c + TILE, r: r + TILE] = values[r: r + TILE, c: c + TILE].T
     return out
+
+
+class Mxfp4Rows:
+    """An MXFP4 weight (E, cols, rows) as a row source for the merge kernel: rows of its
+    (E·cols, rows) view, decoded one expert at a time (the expert being merged is held, 2·cols·rows
+    bytes: 33 MB for gpt-oss-20b against 1.1 GB for the whole weight)."""
+
+    def __init__(self, blocks: np.ndarray, scales: np.ndarray, shape: tuple[int, ...]):
+        self.experts, self.cols, self.out_rows = shape
+        self.blocks = blocks.reshape(self.experts, -1)
+        self.scales = scales.reshape(self.experts, -1)
+        self.shape = (self.experts * self.cols, self.out_rows)
+        self.dtype = "BF16"
+        self.one_pass = fused.native is not None
+        self._held: tuple[int, np.ndarray] | None = None
+
+    def _expert(self, e: int) -> np.ndarray:
+        if self._held is None or self._held[0] != e:
+            self._held = e, dequantize(self.blocks[e], self.scales[e], (1, self.cols, self.out_rows))[0]
+        return self._held[1]
+
+    def _runs(self, start: int, stop: int):
+        """(expert's values, its first row, its last row, offset in the block) for rows [start, stop)."""
+        while start < stop:
+            e, lo = divmod(start, self.cols)
+            hi = min(self.cols, lo + stop - start)
+            yield self._expert(e), lo, hi, start
+            start += hi - lo
+
+    def fill(self, start: int, stop: int, block: np.ndarray, scratch: np.ndarray) -> None:
+        for values, lo, hi, at in self._runs(start, stop):
+            widen_bf16(values[lo:hi], block[at - start: at - start + hi - lo])
+
+    def add_rounded(self, start: int, stop: int, delta: np.ndarray | None, out: np.ndarray, limit: float) -> bool:
+        """As kernel_numpy.StoredRows.add_rounded (one pass of the C kernel per expert run)."""
+        finite = True
+        for values, lo, hi, at in self._runs(start, stop):
+            part = slice(at - start, at - start + hi - lo)
+            finite &= fused.native.add_bf16(values[lo:hi], None if delta is None else delta[part], out[part], limit)
+        return finite
 
 
 def largest(scales: np.ndarray) -> float:

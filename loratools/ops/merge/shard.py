@@ -11,7 +11,8 @@ A quantized weight (formats/quantized.py) is dequantized (dequant.py: bnb into i
 state's dtype, bit for bit as bitsandbytes does; FP8 into float32) and merged from there; its
 scales and code maps are not written (MXFP4: dequant_mxfp4.py, into bf16, written under the
 parameter's name where its blocks were). A bnb weight on the numpy kernel is decoded row block by
-row block inside the merge's loop (dequant.BnbRows): no whole-tensor array. With `keep_quantized` (FP8), a changed
+row block inside the merge's loop (dequant.BnbRows): no whole-tensor array; an MXFP4 one expert
+at a time (dequant_mxfp4.Mxfp4Rows). With `keep_quantized` (FP8), a changed
 weight is quantized again and written with its new scales; unchanged ones are copied as stored.
 """
 
@@ -67,9 +68,9 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, progress: Cal
                     if out.name not in requantized:
                         requantized.update(_requantize(plan, out, source, work, torch_state))
                     writer.write(requantized.pop(out.name))
-                elif out.quantized and out.kernel != "torch" and plan.base.quantized[out.quantized].scheme in dequant.BNB_SCHEMES:
-                    # bnb 4-bit: decoded row block by row block inside the merge's own loop
-                    rows = _bnb_rows(plan, out.quantized, source)
+                elif out.quantized and out.kernel != "torch" and plan.base.quantized[out.quantized].scheme in ROW_SCHEMES:
+                    # bnb 4-bit: decoded row block by row block inside the merge's own loop; MXFP4 expert by expert
+                    rows = _quantized_rows(plan, out.quantized, source)
                     if out.action == "dequantize":  # no ΔW: into the output dtype (checked if it changes)
                         kernel_numpy.store(rows, out.dtype, writer, out.name, work, check=out.kernel is not None)
                     else:
@@ -108,9 +109,16 @@ def _dequantize(plan: MergePlan, name: str, source: "_SourceMap") -> tuple[np.nd
     return dequant.dequantize(weight, stored, dequant.read_parts(plan.base, weight)), dequant.value_dtype(weight)
 
 
-def _bnb_rows(plan: MergePlan, name: str, source: "_SourceMap") -> dequant.BnbRows:
+ROW_SCHEMES = (*dequant.BNB_SCHEMES, "mxfp4")  # decoded as the kernel reads them (FP8: whole)
+
+
+def _quantized_rows(plan: MergePlan, name: str, source: "_SourceMap"):
+    """A quantized weight as a row source of the numpy kernel (dequant.BnbRows, dequant_mxfp4.Mxfp4Rows)."""
     weight = plan.base.quantized[name]
-    return dequant.bnb_rows(weight, _stored_codes(plan, weight, source), dequant.read_parts(plan.base, weight))
+    stored = _stored_codes(plan, weight, source)
+    if weight.scheme == "mxfp4":
+        return dequant_mxfp4.Mxfp4Rows(stored, dequant_mxfp4.read_scales(plan.base, weight), weight.shape)
+    return dequant.bnb_rows(weight, stored, dequant.read_parts(plan.base, weight))
 
 
 def _stored_codes(plan: MergePlan, weight, source: "_SourceMap") -> np.ndarray:
