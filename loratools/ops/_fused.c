@@ -201,14 +201,17 @@ static PyObject *finished(Py_buffer *views[], int count, int bad) {
     return PyBool_FromLong(!bad);
 }
 
-static PyObject *py_add_bf16(PyObject *self, PyObject *args) {
+/* add_bf16 (itemsize 2: a bfloat16 base) and add_f32 (4: float32, and round_base) */
+static PyObject *add_stored(PyObject *args, Py_ssize_t itemsize) {
     Py_buffer base, out, delta = {0};
     PyObject *delta_obj;
     float limit;
-    if (!PyArg_ParseTuple(args, "y*Ow*f", &base, &delta_obj, &out, &limit)) return NULL;
+    int round_base = 0;
+    if (!PyArg_ParseTuple(args, itemsize == 2 ? "y*Ow*f" : "y*Ow*fp", &base, &delta_obj, &out, &limit, &round_base))
+        return NULL;
     Py_ssize_t n = out.len / 2;
     Py_buffer *views[] = {&base, &out, &delta};
-    if (base.len < n * 2) {
+    if (base.len < n * itemsize) {
         finished(views, 2, 0);
         PyErr_SetString(PyExc_ValueError, "base holds fewer values than out");
         return NULL;
@@ -216,31 +219,17 @@ static PyObject *py_add_bf16(PyObject *self, PyObject *args) {
     if (get_delta(delta_obj, &delta, n) < 0) { finished(views, 2, 0); return NULL; }
     int bad;
     Py_BEGIN_ALLOW_THREADS
-    bad = add_bf16((const uint16_t *)base.buf, (const float *)delta.buf, (uint16_t *)out.buf, n, limit);
+    if (itemsize == 2)
+        bad = add_bf16((const uint16_t *)base.buf, (const float *)delta.buf, (uint16_t *)out.buf, n, limit);
+    else
+        bad = add_f32((const float *)base.buf, (const float *)delta.buf, (uint16_t *)out.buf, n, limit, round_base);
     Py_END_ALLOW_THREADS
     return finished(views, 3, bad);
 }
 
-static PyObject *py_add_f32(PyObject *self, PyObject *args) {
-    Py_buffer base, out, delta = {0};
-    PyObject *delta_obj;
-    float limit;
-    int round_base;
-    if (!PyArg_ParseTuple(args, "y*Ow*fp", &base, &delta_obj, &out, &limit, &round_base)) return NULL;
-    Py_ssize_t n = out.len / 2;
-    Py_buffer *views[] = {&base, &out, &delta};
-    if (base.len < n * 4) {
-        finished(views, 2, 0);
-        PyErr_SetString(PyExc_ValueError, "base holds fewer values than out");
-        return NULL;
-    }
-    if (get_delta(delta_obj, &delta, n) < 0) { finished(views, 2, 0); return NULL; }
-    int bad;
-    Py_BEGIN_ALLOW_THREADS
-    bad = add_f32((const float *)base.buf, (const float *)delta.buf, (uint16_t *)out.buf, n, limit, round_base);
-    Py_END_ALLOW_THREADS
-    return finished(views, 3, bad);
-}
+static PyObject *py_add_bf16(PyObject *self, PyObject *args) { return add_stored(args, 2); }
+
+static PyObject *py_add_f32(PyObject *self, PyObject *args) { return add_stored(args, 4); }
 
 static PyObject *py_add_4bit(PyObject *self, PyObject *args) {
     Py_buffer packed, code, absmax, out, delta = {0};

@@ -51,8 +51,10 @@ class Workspace:
 
 class StoredRows:
     """Rows of a stored tensor's 2-D view (bf16 as its bits, float16, float32), widened into
-    float32 blocks. (dequant.BnbRows is the other row source: a bnb 4-bit weight.) A tensor of
-    all experts (E, d1, d2) is seen as (E·d1, d2): expert e's ΔW starts at row e·d1."""
+    float32 blocks (fill), or with ΔW added and rounded into bf16 in one pass where `one_pass`
+    (add_rounded). The other row sources: dequant.BnbRows (a bnb 4-bit weight) and
+    dequant_mxfp4.Mxfp4Rows. A tensor of all experts (E, d1, d2) is seen as (E·d1, d2): expert
+    e's ΔW starts at row e·d1."""
 
     def __init__(self, values: np.ndarray, dtype: str):
         self.values, self.dtype = values.reshape(-1, values.shape[-1] if values.ndim > 1 else 1), dtype
@@ -75,7 +77,7 @@ class StoredRows:
 
 def merge_tensor(plan: MergePlan, ops: TensorOps, base, out_dtype: str, writer, name: str, work: Workspace) -> None:
     """Queue the merged tensor on `writer` (its `begin` already called). base: a row source
-    (StoredRows, dequant.BnbRows) of shape (rows, cols)."""
+    (StoredRows, dequant.BnbRows, dequant_mxfp4.Mxfp4Rows) of shape (rows, cols)."""
     products = []  # (s·L, R, first row): ΔW = s·L@R in the base tensor's own orientation, from that row
     for module in ops.modules:
         a, b = (x.astype(np.float32, copy=False) for x in plan.adapter.factor_arrays(module.path))
