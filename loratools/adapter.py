@@ -540,8 +540,8 @@ class Adapter:
                 f"cannot {operation} {self.source or 'the adapter'}: it has LoRA on fused MoE expert parameters "
                 f"(target_parameters: {len(self.experts)}, e.g. {first}); loratools {operation} does not support them "
                 "(merge, info, validate, svd, resize, combine and convert --to-lora do)", code="fused-experts")
-        if not conv and self.conv_refusal(operation):
-            reasons.append(self.conv_refusal(operation))
+        if not conv and (refusal := self.conv_refusal(operation)):
+            reasons.append(refusal)
         if self.unknown_keys:
             more = f" (and {len(self.unknown_keys) - 1} more)" if len(self.unknown_keys) > 1 else ""
             reasons.append(f"tensor {self.unknown_keys[0]!r}{more} is not part of a LoRA adapter loratools knows; "

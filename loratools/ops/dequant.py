@@ -29,7 +29,8 @@ from .rounding import round_to_bf16, round_to_bf16_in_float32, widen_bf16
 E4M3_MAX = 448.0
 
 
-# The bitsandbytes 4-bit schemes: decoded row block by row block (BnbRows); FP8 and MXFP4 whole.
+# The bitsandbytes 4-bit schemes: decoded row block by row block (BnbRows). FP8 is decoded whole;
+# MXFP4 expert by expert (dequant_mxfp4.Mxfp4Rows).
 BNB_SCHEMES = ("nf4", "fp4")
 
 

@@ -102,7 +102,7 @@ def _merge_blocks(products, base, out_dtype: str, writer, name: str, work: Works
         _merge_blocks_one_pass(products, base, writer, name, work)
         return
     rows, cols = base.shape
-    step = max(1, ROW_BLOCK_BYTES // (4 * max(1, cols)))
+    step = _rows_per_block(cols)
     out_type = DTYPES[out_dtype]
     limit, out_name = FINITE_BELOW[out_dtype]
     for start in range(0, rows, step):
@@ -117,13 +117,22 @@ def _merge_blocks(products, base, out_dtype: str, writer, name: str, work: Works
                 np.matmul(left[lo - first: hi - first], right, out=product[lo - start: hi - start])
                 block[lo - start: hi - start] += product[lo - start: hi - start]
         if check and not finite_below(block, limit):
-            raise LoraToolsError(f"merged {name} is not finite (overflows {out_name}?); nothing was written", code="non-finite")
+            _not_finite(name, out_name)
         target = writer.buffer(shape[0] * cols * np.dtype(out_type).itemsize).view(out_type).reshape(shape)
         if out_dtype == "BF16":
             round_to_bf16(block, target, bits, finite=check)
         else:
             np.copyto(target, block, casting="same_kind")
         writer.write(target, slot=True)
+
+
+def _rows_per_block(cols: int) -> int:
+    """Rows of a ROW_BLOCK_BYTES float32 block (at least one)."""
+    return max(1, ROW_BLOCK_BYTES // (4 * max(1, cols)))
+
+
+def _not_finite(name: str, dtype: str) -> None:
+    raise LoraToolsError(f"merged {name} is not finite (overflows {dtype}?); nothing was written", code="non-finite")
 
 
 def _disjoint(products) -> bool:
@@ -137,7 +146,7 @@ def _merge_blocks_one_pass(products, base, writer, name: str, work: Workspace) -
     """_merge_blocks into bfloat16: each product into a float32 block, then one pass of the C
     extension per run of rows (widen or decode, add, check, round). The same bits."""
     rows, cols = base.shape
-    step = max(1, ROW_BLOCK_BYTES // (4 * max(1, cols)))
+    step = _rows_per_block(cols)
     products = sorted(products, key=lambda p: p[2])
     for start in range(0, rows, step):
         stop = min(start + step, rows)
@@ -157,5 +166,5 @@ def _merge_blocks_one_pass(products, base, writer, name: str, work: Workspace) -
         if done < stop:
             finite &= base.add_rounded(done, stop, None, target[done - start:], BF16_OVERFLOW)
         if not finite:
-            raise LoraToolsError(f"merged {name} is not finite (overflows bfloat16?); nothing was written", code="non-finite")
+            _not_finite(name, "bfloat16")
         writer.write(target, slot=True)

@@ -74,7 +74,7 @@ def write_shard(plan: MergePlan, src: Path, shard: str, dst: Path, progress: Cal
                     if out.action == "dequantize":  # no ΔW: into the output dtype (checked if it changes)
                         kernel_numpy.store(rows, out.dtype, writer, out.name, work, check=out.kernel is not None)
                     else:
-                        _merge_tensor(plan, out, None, writer, work, torch_state, rows=rows)
+                        kernel_numpy.merge_tensor(plan, plan.ops.get(out.name), rows, out.dtype, writer, out.name, work)
                 else:
                     if out.quantized:
                         values, _ = _dequantize(plan, out.quantized, source)
@@ -157,13 +157,10 @@ class _ArrayWriter:
         self.position += data.nbytes
 
 
-def _merge_tensor(plan: MergePlan, out: OutputTensor, raw: memoryview | None, writer, work, torch_state, rows=None) -> None:
-    """Compute `out` from `raw` (its values, held as out.held) with the kernel the plan chose;
-    or, numpy kernel only, from `rows` (a row source: a bnb weight decoded as it goes)."""
+def _merge_tensor(plan: MergePlan, out: OutputTensor, raw: memoryview, writer, work, torch_state) -> None:
+    """Compute `out` from `raw` (its values, held as out.held) with the kernel the plan chose."""
     ops = plan.ops.get(out.name)
-    if rows is not None:
-        kernel_numpy.merge_tensor(plan, ops, rows, out.dtype, writer, out.name, work)
-    elif out.kernel == "numpy":
+    if out.kernel == "numpy":
         stored = np.dtype(kernel_numpy.DTYPES[out.held])
         flat = np.frombuffer(raw, dtype=np.uint8)
         if flat.ctypes.data % stored.itemsize:  # other writers need not align tensors: copy this one
