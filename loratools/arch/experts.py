@@ -13,11 +13,19 @@ A fused parameter holds one (d1, d2) slice per expert: (E, d1, d2). On disk it i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .roles import Role
 
 EXPERT = "*"  # in an on-disk name: the expert's index
+_ONE_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def is_per_expert(path: str) -> bool:
+    """Whether a module path is inside one expert's module (transformers 4's per-expert Linears,
+    `...experts.N.<proj>` as checkpoints name them), not a fused parameter of all experts."""
+    return _ONE_EXPERT.search(path + ".") is not None
 
 
 @dataclass(frozen=True)

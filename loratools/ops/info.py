@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from ..adapter import Adapter
+from ..arch.experts import is_per_expert
 from ..report import Report
 
 # Fields of InfoReport that are the config's own, as parsed (AdapterConfig)
 # MoE layouts: one LoRA per expert's Linear (transformers 4's modules, as checkpoints name them), or
 # one LoRA on a fused experts parameter of all experts (transformers 5, PEFT's target_parameters).
 PER_EXPERT, FUSED_EXPERTS = "per-expert (v4)", "fused experts (v5)"
-_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 _CONFIG_FIELDS = ("base_model_name_or_path", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "lora_bias",
                   "bias", "rank_pattern", "alpha_pattern", "target_modules")
@@ -97,7 +96,7 @@ def adapter_info(adapter: Adapter) -> InfoReport:
                 "dora": m.magnitude_key is not None,
                 "lora_bias": m.lora_bias_key is not None,
                 "kasa": m.diag_key is not None,
-                "moe": PER_EXPERT if _PER_EXPERT.search(m.path) else None,
+                "moe": PER_EXPERT if is_per_expert(m.path) else None,
             }
         )
     experts = [

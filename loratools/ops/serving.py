@@ -13,11 +13,11 @@ serve them together (`validate --target vllm A B C`).
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Iterable
 
 from ..adapter import FACTOR_PARTS, Adapter, LoraModule
 from ..arch import Role
+from ..arch.experts import is_per_expert
 from ..arch.gguf import GGUF_ARCHS
 from ..config import BASE_MODIFYING_INITS, scaling
 from ..runtimes import ExpertFamilies, RankLimit, Target, resolve
@@ -273,11 +273,8 @@ def _gguf_arch(adapter: Adapter, _: Any) -> list[Hit]:
 
 # ---- MoE experts: fused (target_parameters, 3-D) and per-expert (experts.N.<proj>, 2-D) LoRA ---------
 
-_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
-
-
 def _per_expert(adapter: Adapter) -> list[str]:
-    return [p for p in adapter.modules if _PER_EXPERT.search(p + ".")]
+    return [p for p in adapter.modules if is_per_expert(p)]
 
 
 def _family(adapter: Adapter) -> str | None:
